@@ -1,0 +1,173 @@
+"""Generation: prompts in, scored-later responses out.
+
+One ``generate`` call per step samples ``num_responses`` responses for every prompt. Ranks that shard the
+model (FSDP) must run the same number of decoding steps, so ``synced=True`` keeps them in lockstep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled (recipe key ``model.sampling``)."""
+
+    num_responses: int = 8  # R responses per prompt (the group size)
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_prompt_tokens: int = 1024  # longer prompts fail with a message naming the row
+
+    def __post_init__(self) -> None:
+        if self.num_responses < 1 or self.max_new_tokens < 1:
+            raise ValueError("sampling.num_responses and sampling.max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}")
+
+
+@dataclass
+class RolloutBatch:
+    """The responses of one step, laid out as ``[left-padded prompt | right-padded response]`` per row.
+
+    Rows ``g*R .. g*R + R - 1`` are the R responses of prompt ``g``. Fields after ``samples`` are filled by the
+    module as the step proceeds (rewards, advantages, log-probs).
+    """
+
+    input_ids: Tensor  # (N, P + T)
+    attention_mask: Tensor  # (N, P + T)
+    response_mask: Tensor  # (N, T) bool: generated tokens up to and including the first EOS
+    prompt_length: int  # P
+    completions: list[str]
+    samples: list[dict[str, Any]]  # the dataset row of each response's prompt
+    group_size: int
+    model_inputs: dict[str, Tensor] = field(default_factory=dict)  # extra forward inputs (e.g. pixel_values)
+    rewards: Tensor | None = None  # (N,)
+    reward_components: dict[str, Tensor] = field(default_factory=dict)
+    advantages: Tensor | None = None  # (N,)
+    old_logp: Tensor | None = None  # (N, T); None when the update is on-policy in one pass
+    ref_logp: Tensor | None = None  # (N, T)
+
+    @property
+    def responses(self) -> Tensor:
+        return self.input_ids[:, self.prompt_length :]
+
+    @property
+    def group_index(self) -> Tensor:
+        return torch.arange(len(self.completions), device=self.input_ids.device) // self.group_size
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def select(self, rows: Tensor) -> RolloutBatch:
+        """The rollout restricted to ``rows`` (a 1-D index tensor; keep whole groups to keep ``group_index`` right)."""
+        idx = rows.tolist()
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        return replace(
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            completions=[self.completions[i] for i in idx],
+            samples=[self.samples[i] for i in idx],
+            model_inputs={k: v[rows.to(v.device)] for k, v in self.model_inputs.items()},
+            rewards=pick(self.rewards),
+            reward_components={k: v[rows.to(v.device)] for k, v in self.reward_components.items()},
+            advantages=pick(self.advantages),
+            old_logp=pick(self.old_logp),
+            ref_logp=pick(self.ref_logp),
+        )
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus the checkpoint's own stop tokens (Qwen2.5-Instruct stops on ``<|im_end|>``
+    and ``<|endoftext|>``)."""
+    ids = [tokenizer.eos_token_id]
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += model_eos if isinstance(model_eos, list) else [model_eos]
+    return sorted({i for i in ids if i is not None})
+
+
+def generation_config(sampling: SamplingConfig, stop_ids: list[int], pad_id: int, greedy: bool = False) -> GenerationConfig:
+    """A complete GenerationConfig, so the model's own ``generation_config`` defaults (a top_p or
+    repetition penalty shipped with the checkpoint) never change the sampling the recipe asked for."""
+    do_sample = not greedy and sampling.temperature > 0
+    return GenerationConfig(
+        do_sample=do_sample,
+        temperature=sampling.temperature if do_sample else None,
+        top_p=sampling.top_p if do_sample else None,
+        top_k=sampling.top_k if do_sample else None,
+        max_new_tokens=sampling.max_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        repetition_penalty=1.0,
+        use_cache=True,
+    )
+
+
+def response_mask_from_tokens(responses: Tensor, eos_token_id: int | list[int]) -> Tensor:
+    """True on each response's tokens up to and including its first EOS; False after it.
+
+    Generation pads finished rows with ``pad_token_id``, which may equal EOS, so only the first EOS counts.
+    """
+    eos_ids = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=responses.device)
+    is_eos = torch.isin(responses, eos_ids)
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return ~after_eos
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    samples: list[dict[str, Any]],
+    sampling: SamplingConfig,
+    *,
+    greedy: bool = False,
+    num_responses: int | None = None,
+    synced: bool = False,
+) -> RolloutBatch:
+    """Sample ``num_responses`` (default ``sampling.num_responses``) responses for each rendered prompt."""
+    group_size = sampling.num_responses if num_responses is None else num_responses
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    lengths = encoded["attention_mask"].sum(-1)
+    for i, length in enumerate(lengths.tolist()):
+        if length > sampling.max_prompt_tokens:
+            sample = samples[i]
+            raise ValueError(
+                f"prompt of row {sample.get('row')} from {sample.get('source')!r} has {length} tokens, more than "
+                f"sampling.max_prompt_tokens={sampling.max_prompt_tokens}; raise the limit or filter the data"
+            )
+    input_ids = encoded["input_ids"].to(device).repeat_interleave(group_size, dim=0)
+    attention_mask = encoded["attention_mask"].to(device).repeat_interleave(group_size, dim=0)
+    config = generation_config(sampling, stop_token_ids(model, tokenizer), tokenizer.pad_token_id, greedy=greedy)
+    was_training = model.training
+    model.eval()
+    try:
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced
+        )
+    finally:
+        model.train(was_training)
+    prompt_length = input_ids.shape[1]
+    responses = sequences[:, prompt_length:]
+    response_mask = response_mask_from_tokens(responses, config.eos_token_id)
+    responses = responses.masked_fill(~response_mask, tokenizer.pad_token_id)
+    completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return RolloutBatch(
+        input_ids=torch.cat([input_ids, responses], dim=1),
+        attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
+        response_mask=response_mask,
+        prompt_length=prompt_length,
+        completions=completions,
+        samples=[s for s in samples for _ in range(group_size)],
+        group_size=group_size,
+    )

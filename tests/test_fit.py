@@ -1,0 +1,191 @@
+"""End-to-end: the CLI fits a tiny random Qwen2 on the built-in arithmetic task, logs, checkpoints, resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from relax_pl.cli import main
+from relax_pl.testing import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", kind="qwen2", seed=0)
+
+
+def write_recipe(folder: Path, model: Path, max_steps: int = 2, every_n: int = 1, **model_overrides) -> Path:
+    recipe = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": max_steps,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 1,
+            "val_check_interval": 2,
+            "default_root_dir": str(folder),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(folder), "name": "tb"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(folder / "checkpoints"),
+                        "every_n_train_steps": every_n,
+                        "save_last": True,
+                        "save_top_k": -1,
+                    },
+                },
+                {"class_path": "relax_pl.callbacks.SampleLogger", "init_args": {"every_n_steps": 1}},
+            ],
+        },
+        "model": {
+            "pretrained": str(model),
+            "sampling": {"num_responses": 4, "max_new_tokens": 12, "temperature": 1.0},
+            "objective": {"kl_coef": 0.01, "clip_high": 0.28},
+            "update": {"micro_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 2},
+            "optimizer": {"lr": 1e-3},
+            **model_overrides,
+        },
+        "data": {
+            "train_source": "builtin:arithmetic",
+            "val_source": "builtin:arithmetic",
+            "task_options": {"digits": 1, "operations": "+", "num_samples": 12},
+            "system_prompt": "Put the answer in \\boxed{}.",
+            "batch_size": 2,
+            "val_batch_size": 2,
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def scalars(folder: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for events in folder.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return out
+
+
+def test_two_step_fit_logs_checkpoints_and_validates(tmp_path, tiny_model):
+    main(["fit", "--config", str(write_recipe(tmp_path, tiny_model, max_steps=2 * 4))])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    # 2 RL steps x (2 epochs x 2 mini-batches of 4 responses) = 8 optimiser steps
+    assert ckpt["global_step"] == 8
+    assert "rng_states" in ckpt and ckpt["optimizer_states"]
+    logged = scalars(tmp_path)
+    for tag in [
+        "critic/score/mean", "reward/accuracy", "reward/format", "actor/pg_loss", "actor/kl_loss",
+        "actor/entropy", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm", "response_length/mean",
+        "timing_s/gen", "timing_s/reward", "timing_s/old", "timing_s/ref", "timing_s/update",
+        "perf/throughput", "val/reward", "val/accuracy",
+    ]:
+        assert tag in logged, f"{tag} not logged; got {sorted(logged)}"
+    assert all(v > 0 for v in logged["actor/entropy"])
+    texts = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert any(b"samples" in p.read_bytes() for p in texts)
+
+
+def test_resume_is_exact(tmp_path, tiny_model):
+    """Two steps then a resume to four gives the same weights as four steps in one go (optimizer, data
+    position and sampling RNG all restored)."""
+    straight = tmp_path / "straight"
+    main(["fit", "--config", str(write_recipe(straight, tiny_model, max_steps=4 * 4)), "--trainer.limit_val_batches", "0"])
+    split = tmp_path / "split"
+    recipe = write_recipe(split, tiny_model, max_steps=2 * 4)
+    main(["fit", "--config", str(recipe), "--trainer.limit_val_batches", "0"])
+    main(["fit", "--config", str(recipe), "--trainer.max_steps", "16", "--trainer.limit_val_batches", "0", "--ckpt_path", "last"])
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 16
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(tensor, b["state_dict"][name], rtol=0, atol=0, msg=name)
+
+
+def test_bad_key_fails_before_loading_a_model(tmp_path, tiny_model, capsys, monkeypatch):
+    import relax_pl.setups
+
+    monkeypatch.setattr(relax_pl.setups, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    recipe = yaml.safe_load(write_recipe(tmp_path, tiny_model).read_text())
+    recipe["model"]["sampling"]["temprature"] = 0.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(bad)])
+    assert "temprature" in capsys.readouterr().err
+
+    recipe["model"]["sampling"].pop("temprature")
+    recipe["model"]["update"]["micro_batch_size"] = "eight"
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(bad)])
+    assert "micro_batch_size" in capsys.readouterr().err
+
+
+def test_print_config_of_every_shipped_recipe(capsys):
+    for recipe in sorted(Path("recipes").glob("*.yaml")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(recipe), "--print_config"])
+        assert exit_info.value.code in (0, None), recipe
+        assert "pretrained" in capsys.readouterr().out
+
+
+def test_sigkill_then_resume_finishes(tmp_path, tiny_model):
+    recipe = write_recipe(tmp_path, tiny_model, max_steps=6 * 4, every_n=4)
+    command = [sys.executable, "-m", "relax_pl", "fit", "--config", str(recipe), "--trainer.limit_val_batches", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    second = tmp_path / "checkpoints" / "epoch=0-step=8.ckpt"
+    while not second.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.stderr.read().decode()[-3000:]
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 8 <= interrupted["global_step"] < 24
+    resumed = subprocess.run(command + ["--ckpt_path", "last"], env=env, capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 24
+
+
+WRITER = """
+import sys, torch
+from relax_pl.checkpointing import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+i = 0
+while True:
+    io.save_checkpoint({"step": i, "blob": torch.full((4_000_000,), float(i))}, sys.argv[1])
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_killed_checkpoint_write_never_corrupts_last(tmp_path):
+    target = tmp_path / "last.ckpt"
+    for delay in (0.05, 0.13, 0.31):
+        process = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE)
+        process.stdout.readline()  # at least one complete checkpoint exists
+        time.sleep(delay)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        checkpoint = torch.load(target, weights_only=False)
+        assert torch.equal(checkpoint["blob"], torch.full((4_000_000,), float(checkpoint["step"])))
