@@ -30,7 +30,7 @@ class StepRecorder(L.Callback):
 def profile(config: str, steps: int, extra: list[str]) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory() as out:
         cli = main(
-            ["fit", "--config", config, f"--trainer.max_steps={steps}", "--trainer.logger=false",
+            ["--config", config, f"--trainer.max_steps={steps}", "--trainer.logger=false",
              "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0",
              f"--trainer.default_root_dir={out}", "--trainer.callbacks=[]", *extra],
             run=False,

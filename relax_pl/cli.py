@@ -32,7 +32,8 @@ class RelaxCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> RelaxCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; with ``run=False`` only build
-    the trainer, model and datamodule (for scripts that add callbacks first)."""
+    the trainer, model and datamodule (for scripts that add callbacks first; ``args`` then has no
+    subcommand)."""
     return RelaxCLI(
         RLVRModule,
         PromptDataModule,

@@ -337,7 +337,7 @@ class RLVRModule(L.LightningModule):
         loss = pg_loss
         kl = None if rollout.ref_logp is None else obj.kl_penalty(logp, rollout.ref_logp[rows, :width], cfg.kl_estimator)
         stats = {
-            "actor/pg_loss": float(pg_loss) / share,
+            "actor/pg_loss": float(pg_loss.detach()) / share,
             "actor/entropy": float(obj.masked_mean(entropy.detach(), mask)),
             "actor/pg_clipfrac_lower": float(obj.masked_mean(clip["clipped_low"].float(), mask)),
             "actor/pg_clipfrac_higher": float(obj.masked_mean(clip["clipped_high"].float(), mask)),
@@ -346,7 +346,7 @@ class RLVRModule(L.LightningModule):
         stats["actor/pg_clipfrac"] = stats["actor/pg_clipfrac_lower"] + stats["actor/pg_clipfrac_higher"]
         if kl is not None:
             kl_loss = obj.aggregate(kl, mask, cfg.loss_agg, normaliser)
-            stats["actor/kl_loss"] = float(kl_loss) / share
+            stats["actor/kl_loss"] = float(kl_loss.detach()) / share
             if cfg.kl_coef > 0:
                 loss = loss + cfg.kl_coef * kl_loss
         if cfg.entropy_coef > 0:
@@ -367,7 +367,7 @@ class RLVRModule(L.LightningModule):
                 continue
             for name, value in terms.losses.items():
                 loss = loss + share * value
-                stats[name] = float(value)
+                stats[name] = float(value.detach())
             stats.update({k: float(v) for k, v in terms.metrics.items()})
         return loss, stats
 

@@ -104,6 +104,8 @@ def test_bad_shapes_raise():
         dsd(hidden, mask.long(), _dictionary())
     with pytest.raises(ValueError, match="d=7"):
         dsd(hidden, mask, _dictionary(d=7))
+    with pytest.raises(ValueError, match="'svd'"):
+        dsd(hidden, mask, _dictionary(), spectrum="svd")
 
 
 @pytest.mark.parametrize("spectrum", ["eig", "sv_compat"])
@@ -147,12 +149,14 @@ def test_koopman_eigenvalues_match_numpy_and_are_detached():
 
 def test_resdmd_residual_matches_direct_definition():
     gen = torch.Generator().manual_seed(5)
-    X, Y = torch.rand(3, 30, 4, generator=gen, dtype=torch.float64), torch.rand(3, 30, 4, generator=gen, dtype=torch.float64)
+    X, Y = torch.rand(2, 3, 30, 4, generator=gen, dtype=torch.float64)
     got = resdmd_residual(X, Y, EPS)
     for b in range(3):
         x, y = X[b].numpy(), Y[b].numpy()
         lam, V = np.linalg.eig(np.linalg.solve(x.T @ x + EPS * np.eye(4), x.T @ y))
-        ref = sum(np.linalg.norm(y @ V[:, j] - lam[j] * x @ V[:, j]) ** 2 / np.linalg.norm(x @ V[:, j]) ** 2 for j in range(4))
+        ref = sum(
+            np.linalg.norm(y @ V[:, j] - lam[j] * x @ V[:, j]) ** 2 / np.linalg.norm(x @ V[:, j]) ** 2 for j in range(4)
+        )
         np.testing.assert_allclose(got[b].item(), ref, rtol=1e-8)
 
 

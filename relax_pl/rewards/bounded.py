@@ -187,14 +187,8 @@ class BoundedScorer:
         self._process, self._conn, self._ready = None, None, False
 
     def close(self) -> None:
-        """Stop the worker (the next call starts a new one)."""
+        """Stop the worker (the next call starts a new one). It holds no state, so it is simply killed."""
         with self._lock:
-            if self._process is not None and self._ready and self._process.is_alive():
-                try:
-                    self._conn.send(None)
-                    self._process.join(timeout=1.0)
-                except OSError:
-                    pass  # the worker is already gone; _kill reaps it
             self._kill()
 
     def __enter__(self) -> BoundedScorer:

@@ -20,7 +20,7 @@ _LEFT_RIGHT = re.compile(r"\\(?:left|right)(?![a-zA-Z])")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 _UNIT = re.compile(
     r"(?<=[\d}).])\s*(?:square\s+|sq\.?\s*)?"
-    r"(?:units?|cm|mm|km|m|in|inch(?:es)?|ft|feet|foot|yd|yards?|meters?|centimeters?|degrees?|deg)\.?"
+    r"(?:units?|cm|mm|km|m|in|inch(?:es)?|ft|feet|foot|yd|yards?|meters?|centimeters?|degrees?|deg)"
     r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?\s*$"
 )
 _LEFT_HAND_SIDE = re.compile(r"^[^=<>!]{1,30}=")
@@ -41,7 +41,7 @@ def last_boxed(text: str) -> tuple[int, str] | None:
     """Position and content of the last brace-matched ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
 
     "Last" is the box that opens last, so ``\\boxed{\\boxed{3}}`` gives ``3``. A box whose braces never close
-    does not count. One pass over the text, so a megabyte of braces costs milliseconds.
+    does not count. One pass over the text: linear time however deeply the braces nest.
     """
     open_braces: list[tuple[int, int]] = []  # (start of the token, start of a box's content or -1)
     found: tuple[int, int, int] | None = None
@@ -68,7 +68,7 @@ def clean_answer(answer: str) -> str:
     s = _DEGREES.sub("", s)
     while (unwrapped := _TEXT_COMMAND.sub(r" \1 ", s)) != s:
         s = unwrapped
-    s = _UNIT.sub("", s.strip()).replace("\\%", "").replace("%", "")
+    s = _UNIT.sub("", s.strip().rstrip(".").rstrip()).replace("\\%", "").replace("%", "")
     if s.count("=") == 1:
         s = _LEFT_HAND_SIDE.sub("", s)
     s = " ".join(s.split()).rstrip(".").strip()
@@ -82,8 +82,10 @@ def answers_match(prediction: str, gold: str) -> bool:
     math-verify's own timeouts use ``signal.alarm``, which works only in a main thread, so they are off
     here: the caller bounds the time (see :class:`~relax_pl.rewards.BoundedScorer`).
     """
+    if len(prediction) > MAX_BOXED_CHARS:
+        return False
     prediction, gold = clean_answer(prediction), clean_answer(gold)
-    if not prediction or len(prediction) > MAX_BOXED_CHARS:
+    if not prediction:
         return False
     if prediction.replace(" ", "") == gold.replace(" ", ""):
         return True
