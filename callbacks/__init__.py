@@ -1,5 +1,8 @@
 """Callbacks that plug into RLVRModule through :mod:`relax_pl.extension` (installed as ``relax_pl.callbacks``)."""
 
+from relax_pl.callbacks.koopman_fit import KoopmanFit
+from relax_pl.callbacks.latent_exploration import LatentExploration
 from relax_pl.callbacks.monitoring import SampleLogger
+from relax_pl.callbacks.spectrum import SpectrumMonitor
 
-__all__ = ["SampleLogger"]
+__all__ = ["KoopmanFit", "LatentExploration", "SampleLogger", "SpectrumMonitor"]

@@ -123,12 +123,19 @@ class RLVRModule(L.LightningModule):
         """Load the models lazily: a bad recipe fails in the parser before any weights are read."""
         if self.policy is not None:
             return
+        self.model_setup.check(self)
         self.tokenizer = load_tokenizer(
             self.pretrained, trust_remote_code=self.trust_remote_code, chat_template=self.chat_template
         )
-        self.policy = self.model_setup.build_policy(self.pretrained, trust_remote_code=self.trust_remote_code)
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.policy = self.model_setup.build_policy(
+            self.pretrained, trust_remote_code=self.trust_remote_code, device=device
+        )
+        self.policy.train()  # from_pretrained returns eval mode, in which HF silently skips gradient checkpointing
         if self.needs_reference:
             self._reference[0] = self.model_setup.build_reference(self.policy)
+        self.model_setup.parallelize(self.policy, self._reference[0], self.device_mesh)
+        self.strict_loading = self.model_setup.strict_loading
 
     @property
     def needs_reference(self) -> bool:
@@ -195,7 +202,8 @@ class RLVRModule(L.LightningModule):
         prompts = [self.render_prompt(sample) for sample in batch]
         synced = self.trainer.world_size > 1 if self._trainer is not None else False
         sampling = sampling or self.sampling
-        return generate(self.policy, self.tokenizer, prompts, batch, sampling, greedy=greedy, synced=synced)
+        with self.model_setup.generation(self.policy):
+            return generate(self.policy, self.tokenizer, prompts, batch, sampling, greedy=greedy, synced=synced)
 
     def render_prompt(self, sample: dict[str, Any]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -427,16 +435,26 @@ class RLVRModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the sampling RNG in the checkpoint so a resumed run draws the same responses."""
+        checkpoint["state_dict"] = self.model_setup.checkpoint_state_dict(self.policy, checkpoint["state_dict"])
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": numpy_state_to_tensors(np.random.get_state()),
             "python": random.getstate(),
         }
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # rank 0 writes the (metadata) file: every rank's generator goes in it, each resumes its own
+            per_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, checkpoint["rng_states"])
+            checkpoint["rng_states_per_rank"] = per_rank
         checkpoint["reward_failures_total"] = self._reward_failures
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.model_setup.check_checkpoint(self.policy, checkpoint)
         states = checkpoint.get("rng_states")
+        per_rank = checkpoint.get("rng_states_per_rank")
+        if per_rank is not None and len(per_rank) == self.trainer.world_size:
+            states = per_rank[self.global_rank]
         if states:
             torch.set_rng_state(states["torch"])
             if states["cuda"] and torch.cuda.is_available():

@@ -1,0 +1,67 @@
+"""Helpers that the multi-process FSDP test names in its recipe (importable through PYTHONPATH=tests).
+
+``ShardProbe`` writes what each rank saw to ``<out>/rank<k>.json``: the rank-local and global shapes of the
+sharded parameters, and per step the responses' lengths, the prompt row of every response and whether the
+advantages are the per-group ones of that rank's own rewards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from relax_pl.extension import RLVRCallback
+from relax_pl.objectives import group_advantages
+from relax_pl.rewards import VerifiableReward
+
+
+class LengthParityReward(VerifiableReward):
+    """1 for a response of an even number of characters: rewards that differ within a group, so advantages do."""
+
+    def score(self, completion: str, sample: dict) -> dict[str, float]:
+        return {"overall": float(len(completion) % 2 == 0)}
+
+
+def shard_shapes(model: torch.nn.Module) -> dict[str, dict[str, list[int]]]:
+    out = {}
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            out[name] = {"local": list(p.to_local().shape), "global": list(p.shape)}
+        else:
+            out[name] = {"plain": list(p.shape)}
+    return out
+
+
+class ShardProbe(RLVRCallback):
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.record: dict = {"steps": []}
+
+    def on_fit_start(self, trainer, module) -> None:
+        self.record["rank"] = trainer.global_rank
+        self.record["world_size"] = trainer.world_size
+        self.record["policy"] = shard_shapes(module.policy)
+        reference = module._reference[0]
+        self.record["reference"] = shard_shapes(reference) if reference is not None else None
+
+    def on_rollout_end(self, trainer, module, rollout) -> None:
+        size = rollout.group_size
+        rows = [sample["row"] for sample in rollout.samples]
+        expected = group_advantages(rollout.rewards, size, scale=module.objective.scale_advantages)
+        self.record["steps"].append(
+            {
+                "width": rollout.response_mask.shape[1],
+                "lengths": rollout.response_mask.sum(-1).tolist(),
+                "rows": rows,
+                "group_size": size,
+                "rewards": rollout.rewards.tolist(),
+                "advantages_match": bool(torch.equal(expected, rollout.advantages)),
+            }
+        )
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))

@@ -1,0 +1,310 @@
+"""Setups end to end: QLoRA (4-bit base + LoRA) on the CPU, FSDP2 over two CPU processes, export of both."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM
+
+from relax_pl.cli import main
+from relax_pl.export import export, load_policy_state
+from relax_pl.models import build_tiny_model, load_causal_lm
+from relax_pl.setups import FSDP, QLoRA, SingleDevice
+from relax_pl.testing import save_tiny_model
+
+TESTS = Path(__file__).parent
+LORA = {"dtype": "float32", "rank": 8, "alpha": 16, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", kind="qwen2", seed=0)
+
+
+@pytest.fixture(scope="module")
+def early_stopping_model(tmp_path_factory) -> Path:
+    """The tiny model with ~40% of its vocabulary as stop tokens: random sampling then ends responses at
+    different lengths, so ranks finish generating at different steps."""
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2_stops", kind="qwen2", seed=0)
+    config_path = folder / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    config["eos_token_id"] = sorted(set(config["eos_token_id"]) | set(range(300, 512)))
+    config_path.write_text(json.dumps(config))
+    return folder
+
+
+def write_recipe(folder: Path, model: Path, setup: dict, max_steps: int = 2, **overrides) -> Path:
+    recipe = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": max_steps,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "default_root_dir": str(folder),
+            "logger": False,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(folder / "checkpoints"),
+                        "every_n_train_steps": 1,
+                        "save_last": True,
+                        "save_top_k": -1,
+                    },
+                }
+            ],
+        },
+        "model": {
+            "pretrained": str(model),
+            "setup": setup,
+            "sampling": {"num_responses": 4, "max_new_tokens": 12, "temperature": 1.0},
+            "objective": {"kl_coef": 0.01},
+            "update": {"micro_batch_size": 4},
+            "optimizer": {"lr": 1e-2},
+        },
+        "data": {
+            "train_source": "builtin:arithmetic",
+            "task_options": {"digits": 1, "operations": "+", "num_samples": 12},
+            "batch_size": 2,
+        },
+    }
+    for key, value in overrides.items():  # "model.sampling": {...} style
+        section, name = key.split(".")
+        recipe[section][name] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def qlora_setup(**init_args) -> dict:
+    return {"class_path": "relax_pl.setups.QLoRA", "init_args": {**LORA, **init_args}}
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("qlora")
+    recipe = write_recipe(folder, tiny_model, qlora_setup())
+    cli = main(["fit", "--config", str(recipe)])
+    return folder, recipe, cli.model
+
+
+def four_bit_base(folder: Path, setup: QLoRA) -> torch.nn.Module:
+    base = load_causal_lm(str(folder), dtype="float32", quantization_config=setup.quantization_config())
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False).eval()
+
+
+def test_qlora_trains_the_adapter_only_and_the_reference_is_the_base(qlora_run, tiny_model):
+    import bitsandbytes as bnb
+
+    folder, _, module = qlora_run
+    policy = module.policy.eval()
+    assert isinstance(policy, PeftModel)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in policy.modules())
+    assert module._reference[0] is None  # no second copy
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # the adapter moved (B starts at zero), the frozen 4-bit base did not
+    assert all(p.abs().max() > 0 for n, p in policy.named_parameters() if "lora_B" in n)
+    base = four_bit_base(tiny_model, module.model_setup)
+    base_state = base.state_dict()
+    for name, tensor in policy.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            torch.testing.assert_close(tensor, base_state[name.replace(".base_layer", "")], rtol=0, atol=0, msg=name)
+
+    batch = [module.trainer.datamodule.train_data[i] for i in range(2)]
+    rollout = module.generate(batch)
+    reference, context = module.model_setup.reference(policy, module._reference[0])
+    with context:
+        ref_logp = module.sequence_logprobs(reference, rollout)
+    base_logp = module.sequence_logprobs(base, rollout)
+    policy_logp = module.sequence_logprobs(policy, rollout)
+    mask = rollout.response_mask
+    torch.testing.assert_close(ref_logp[mask], base_logp[mask], rtol=0, atol=1e-5)
+    assert (policy_logp[mask] - base_logp[mask]).abs().max() > 1e-3  # the adapter is on outside the context
+
+
+def test_qlora_checkpoint_holds_adapter_and_optimizer_only(qlora_run):
+    folder, _, module = qlora_run
+    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = set(ckpt["state_dict"])
+    expected = {f"policy.{n}" for n, p in module.policy.named_parameters() if p.requires_grad}
+    assert keys == expected
+    state = ckpt["optimizer_states"][0]["state"]
+    assert len(state) == len(expected) and all("exp_avg" in s for s in state.values())
+
+    single = {f"policy.{n}": p for n, p in build_tiny_model(vocab_size=8).named_parameters()}
+    with pytest.raises(ValueError, match="adapter tensors missing"):
+        module.model_setup.check_checkpoint(module.policy, {"state_dict": single})
+
+
+def test_qlora_resume_is_exact(tmp_path, tiny_model, qlora_run):
+    straight_folder, _, _ = qlora_run
+    recipe = write_recipe(tmp_path, tiny_model, qlora_setup(), max_steps=1)
+    main(["fit", "--config", str(recipe)])
+    main(["fit", "--config", str(recipe), "--trainer.max_steps", "2", "--ckpt_path", "last"])
+    a = torch.load(straight_folder / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 2
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(tensor, b["state_dict"][name], rtol=0, atol=0, msg=name)
+
+
+def test_qlora_export_adapter_and_merged_model(qlora_run, tiny_model, tmp_path):
+    folder, recipe, module = qlora_run
+    written = export(recipe, folder / "checkpoints" / "last.ckpt", tmp_path / "export", dtype="float32")
+    assert set(written) == {"adapter", "model"}
+    assert "not in 4 bits" in (written["model"] / "README.md").read_text()
+    merged = AutoModelForCausalLM.from_pretrained(written["model"]).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), written["adapter"]).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        merged_logits, adapter_logits = merged(ids).logits, with_adapter(ids).logits
+        plain_logits = plain(ids).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=0, atol=1e-4)
+    assert (merged_logits - plain_logits).abs().max() > 1e-3  # the update survived the merge
+    saved = {k.removeprefix("policy."): v for k, v in torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].items()}
+    adapter_state = with_adapter.state_dict()
+    for name, tensor in saved.items():
+        torch.testing.assert_close(adapter_state[name], tensor, rtol=0, atol=0, msg=name)
+    assert (written["model"] / "tokenizer.json").is_file() and (written["adapter"] / "adapter_config.json").is_file()
+
+
+def test_paged_adamw_8bit_steps_the_adapter(tmp_path, tiny_model):
+    recipe = write_recipe(tmp_path, tiny_model, qlora_setup(), max_steps=1, **{"model.optimizer": {"name": "paged_adamw_8bit", "lr": 1e-2}})
+    module = main(["fit", "--config", str(recipe)]).model
+    assert all(p.abs().max() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)
+
+
+def test_lora_target_that_matches_nothing_names_the_layers(tiny_model):
+    model = load_causal_lm(str(tiny_model))
+    with pytest.raises(ValueError, match=r"'qproj' matches no linear layer.*'q_proj'"):
+        QLoRA(target_modules=["q_proj", "qproj"]).lora_config(model)
+    with pytest.raises(ValueError, match="'up_proj' matches no linear layer"):  # every up_proj is excluded
+        QLoRA(target_modules=["up_proj"], exclude_modules=["mlp"]).lora_config(model)
+    config = QLoRA(target_modules=["q_proj", "up_proj"], exclude_modules=["mlp"]).lora_config(model)
+    from peft import get_peft_model
+
+    wrapped = get_peft_model(model, config)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in wrapped.named_parameters() if "lora_A" in n}
+    assert adapted and all(n.endswith("self_attn.q_proj") for n in adapted)  # up_proj sits under the excluded mlp
+
+
+def test_impossible_combinations_fail_early(tmp_path, tiny_model, capsys):
+    recipe = write_recipe(tmp_path / "q", tiny_model, qlora_setup())
+    with pytest.raises(ValueError, match="trainer.devices=2 conflicts with model.setup"):
+        main(["fit", "--config", str(recipe), "--trainer.devices", "2"])
+    recipe = write_recipe(tmp_path / "f", tiny_model, {"class_path": "relax_pl.setups.FSDP"})
+    with pytest.raises(ValueError, match="FSDP on one CPU process shards nothing"):
+        main(["fit", "--config", str(recipe), "--trainer.devices", "1"])
+    assert isinstance(SingleDevice().trainer_overrides()["devices"], int)
+    assert FSDP().trainer_overrides()["strategy"].__class__.__name__ == "ShardedDataParallel"
+
+
+# ------------------------------------------------------------------------------------------------ FSDP
+def fsdp_fit(folder: Path, model: Path, max_steps: int, ckpt_path: str | None = None) -> Path:
+    recipe = write_recipe(
+        folder,
+        model,
+        {"class_path": "relax_pl.setups.FSDP", "init_args": {"gradient_checkpointing": True}},
+        max_steps=max_steps,
+        **{
+            "model.reward": {"class_path": "fsdp_probe.LengthParityReward"},
+            "model.sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0},
+        },
+    )
+    recipe_dict = yaml.safe_load(recipe.read_text())
+    recipe_dict["trainer"]["callbacks"].append(
+        {"class_path": "fsdp_probe.ShardProbe", "init_args": {"out": str(folder / "probe")}}
+    )
+    recipe.write_text(yaml.safe_dump(recipe_dict))
+    command = [sys.executable, "-m", "relax_pl", "fit", "--config", str(recipe),
+               "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    if ckpt_path is not None:
+        command += ["--ckpt_path", ckpt_path]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-5000:]
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, early_stopping_model):
+    folder = tmp_path_factory.mktemp("fsdp")
+    recipe = fsdp_fit(folder, early_stopping_model, max_steps=2)
+    probes = [json.loads((folder / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
+    return folder, recipe, probes
+
+
+def test_fsdp_shards_every_block_across_two_processes(fsdp_run):
+    _, _, probes = fsdp_run
+    assert [p["rank"] for p in probes] == [0, 1] and probes[0]["world_size"] == 2
+    for model in ("policy", "reference"):
+        shapes = [p[model] for p in probes]
+        block_params = [n for n in shapes[0] if ".layers." in n]
+        assert len(block_params) >= 2 * 9  # 2 decoder blocks, each sharded
+        for name, shape in shapes[0].items():
+            assert "local" in shape, f"{model} parameter {name} is not sharded"
+            global_rows = shape["global"][0]
+            local_rows = [s[name]["local"][0] for s in shapes]
+            assert sum(local_rows) == global_rows and max(local_rows) < global_rows, (model, name, local_rows)
+
+
+def test_fsdp_ranks_generate_whole_groups_of_different_lengths(fsdp_run):
+    _, _, probes = fsdp_run
+    steps = [p["steps"] for p in probes]
+    assert len(steps[0]) == len(steps[1]) == 2
+    for rank_steps in steps:
+        for step in rank_steps:
+            size = step["group_size"]
+            groups = [step["rows"][i : i + size] for i in range(0, len(step["rows"]), size)]
+            assert all(len(set(g)) == 1 for g in groups)  # a group's responses share their prompt
+            assert step["advantages_match"]  # advantages normalised within this rank's own groups
+            assert len(set(step["rewards"])) > 1  # and they were not all zero
+    for a, b in zip(*steps):
+        assert not set(a["rows"]) & set(b["rows"])  # the ranks sampled different prompts
+    # generation stayed in lockstep although the ranks finished at different steps
+    assert any(a["width"] != b["width"] for a, b in zip(*steps)), [(a["width"], b["width"]) for a, b in zip(*steps)]
+    assert any(len(set(s["lengths"])) > 1 for s in steps[0])
+
+
+def test_fsdp_resume_from_sharded_checkpoint_is_exact(fsdp_run, tmp_path, early_stopping_model):
+    folder, _, _ = fsdp_run
+    first = folder / "checkpoints" / "epoch=0-step=1.ckpt"
+    assert first.is_dir() and (first / ".metadata").is_file()  # one shard file per rank
+    assert len(list(first.glob("*.distcp"))) == 2
+    fsdp_fit(tmp_path, early_stopping_model, max_steps=2, ckpt_path=str(first))
+    straight = load_policy_state(folder / "checkpoints" / "epoch=0-step=2.ckpt")
+    resumed = load_policy_state(tmp_path / "checkpoints" / "epoch=0-step=2.ckpt")
+    initial = load_policy_state(first)
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(initial[n], straight[n]) for n in straight)  # the resumed step trained
+
+
+def test_fsdp_export_consolidates_a_hugging_face_folder(fsdp_run, tmp_path, early_stopping_model):
+    folder, recipe, _ = fsdp_run
+    written = export(recipe, folder / "checkpoints" / "last.ckpt", tmp_path / "export", dtype="float32")
+    assert set(written) == {"model"}
+    exported = AutoModelForCausalLM.from_pretrained(written["model"]).state_dict()
+    trained = load_policy_state(folder / "checkpoints" / "last.ckpt")
+    initial = AutoModelForCausalLM.from_pretrained(early_stopping_model).state_dict()
+    for name, tensor in trained.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(initial[n], exported[n]) for n in trained)
