@@ -30,12 +30,14 @@ class RelaxCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def main(args: list[str] | None = None, run: bool = True) -> RelaxCLI:
+def main(
+    args: list[str] | None = None, run: bool = True, model_class: type[RLVRModule] = RLVRModule
+) -> RelaxCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; with ``run=False`` only build
     the trainer, model and datamodule (for scripts that add callbacks first; ``args`` then has no
-    subcommand)."""
+    subcommand). ``model_class`` runs a subclass of RLVRModule with the same recipes."""
     return RelaxCLI(
-        RLVRModule,
+        model_class,
         PromptDataModule,
         args=args,
         run=run,

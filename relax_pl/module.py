@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from jsonargparse import lazy_instance
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from relax_pl import objectives as obj
@@ -116,7 +117,8 @@ class RLVRModule(L.LightningModule):
         self.tokenizer = None
         self._reference: list[nn.Module | None] = [None]  # a list keeps it out of state_dict and .parameters()
         self._scorer: BoundedScorer | None = None
-        self._reward_failures = 0
+        self._reward_failures = 0  # over the run, kept in checkpoints
+        self._step_reward_failures = (0, 0)  # (timeouts, errors) of the latest scoring call
 
     # ----------------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -220,6 +222,8 @@ class RLVRModule(L.LightningModule):
         scored = self._scorer(rollout.completions, rollout.samples)
         self._reward_failures += scored.timeouts + scored.errors
         self._step_reward_failures = (scored.timeouts, scored.errors)
+        if scored.first_error:
+            rank_zero_warn(f"the reward failed on {scored.errors} response(s); first error: {scored.first_error}")
         return {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in scored.components.items()}
 
     def drop_uniform_groups(self, rollout: RolloutBatch) -> tuple[RolloutBatch, float]:
@@ -412,7 +416,7 @@ class RLVRModule(L.LightningModule):
             "response_length/clip_ratio": float((lengths >= self.sampling.max_new_tokens).float().mean()),
             "reward/failures_total": float(self._reward_failures),
         }
-        timeouts, errors = getattr(self, "_step_reward_failures", (0, 0))
+        timeouts, errors = self._step_reward_failures
         metrics["reward/timeouts"], metrics["reward/errors"] = float(timeouts), float(errors)
         for name, values in rollout.reward_components.items():
             if name != "overall":

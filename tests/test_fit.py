@@ -15,6 +15,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from relax_pl.cli import main
+from relax_pl.module import RLVRModule
 from relax_pl.testing import save_tiny_model
 
 
@@ -189,3 +190,24 @@ def test_killed_checkpoint_write_never_corrupts_last(tmp_path):
         process.wait()
         checkpoint = torch.load(target, weights_only=False)
         assert torch.equal(checkpoint["blob"], torch.full((4_000_000,), float(checkpoint["step"])))
+
+
+class ShortestWinsModule(RLVRModule):
+    """A batch-level reward: 1 for the responses shorter than their group's median length."""
+
+    def compute_rewards(self, rollout):
+        lengths = rollout.response_mask.sum(-1).float().view(-1, rollout.group_size)
+        overall = (lengths < lengths.median(dim=1, keepdim=True).values).float().view(-1)
+        self.seen_rewards.append(overall)
+        return {"overall": overall}
+
+
+def test_subclass_overrides_the_reward_method(tmp_path, tiny_model):
+    ShortestWinsModule.seen_rewards = []
+    recipe = write_recipe(tmp_path, tiny_model, max_steps=8)
+    main(["fit", "--config", str(recipe), "--trainer.limit_val_batches", "0"], model_class=ShortestWinsModule)
+    assert len(ShortestWinsModule.seen_rewards) == 2
+    logged = scalars(tmp_path)["critic/score/mean"]
+    expected = [float(r.mean()) for r in ShortestWinsModule.seen_rewards]
+    assert logged == pytest.approx(expected, abs=1e-6)
+    assert "reward/accuracy" not in scalars(tmp_path)
