@@ -211,3 +211,15 @@ def test_subclass_overrides_the_reward_method(tmp_path, tiny_model):
     expected = [float(r.mean()) for r in ShortestWinsModule.seen_rewards]
     assert logged == pytest.approx(expected, abs=1e-6)
     assert "reward/accuracy" not in scalars(tmp_path)
+
+
+def test_dynamic_sampling_drops_uniform_groups_and_skips_an_empty_update(tmp_path, tiny_model):
+    """A random model never earns a reward: every group is uniform, so every group is dropped and logged,
+    and no optimiser step is taken."""
+    recipe = write_recipe(tmp_path, tiny_model, max_steps=8)
+    args = ["--model.update.dynamic_sampling", "true", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1"]
+    main(["fit", "--config", str(recipe), *args])
+    logged = scalars(tmp_path)
+    assert logged["data/dropped_groups"] and all(v == 2.0 for v in logged["data/dropped_groups"])
+    assert "actor/pg_loss" not in logged
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 0
