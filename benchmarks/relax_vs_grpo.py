@@ -22,6 +22,7 @@ import lightning as L
 import yaml
 from matplotlib.figure import Figure
 
+from relax_pl.callbacks import SpectrumMonitor
 from relax_pl.cli import main
 
 CURVES = {
@@ -34,11 +35,14 @@ TABLE = [*CURVES, "relax/gated_frac", "relax/valid_frac", "timing_s/step"]
 
 
 class StepRecorder(L.Callback):
-    def __init__(self) -> None:
+    """Each step's logged metrics, plus SpectrumMonitor's measurement (written to loggers, which are off)."""
+
+    def __init__(self, monitor: SpectrumMonitor) -> None:
+        self.monitor = monitor
         self.steps: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        self.steps.append({**{k: float(v) for k, v in trainer.callback_metrics.items()}, **self.monitor.last_metrics})
 
 
 def relax_callbacks(recipe: str, names: list[str]) -> list[L.Callback]:
@@ -66,7 +70,7 @@ def run(config: str, callbacks: list[L.Callback], steps: int, seed: int) -> list
              f"--trainer.default_root_dir={out}", "--trainer.callbacks=[]"],
             run=False,
         )
-        recorder = StepRecorder()
+        recorder = StepRecorder(next(cb for cb in callbacks if isinstance(cb, SpectrumMonitor)))
         cli.trainer.callbacks.extend([*callbacks, recorder])
         cli.trainer.fit(cli.model, cli.datamodule)
     return recorder.steps

@@ -2,7 +2,7 @@
 
 from relax_pl.callbacks.koopman_fit import KoopmanFit
 from relax_pl.callbacks.latent_exploration import LatentExploration
-from relax_pl.callbacks.monitoring import SampleLogger
+from relax_pl.callbacks.monitoring import ImageSampleLogger, SampleLogger
 from relax_pl.callbacks.spectrum import SpectrumMonitor
 
-__all__ = ["KoopmanFit", "LatentExploration", "SampleLogger", "SpectrumMonitor"]
+__all__ = ["ImageSampleLogger", "KoopmanFit", "LatentExploration", "SampleLogger", "SpectrumMonitor"]

@@ -100,7 +100,7 @@ class KoopmanFit(RLVRCallback):
         weight, report = trainer.strategy.broadcast((weight, report), src=0)
         self.set_weight(weight)
         self.fitted, self.report, self.first_trajectories = True, report, trajectories
-        module.log_dict(report, batch_size=1)
+        log_metrics(trainer, report)
         rank_zero_info(
             f"KoopmanFit: m={self.m} fitted on {len(trajectories)} responses in {report['timing_s/koopman_fit']:.1f}s; "
             f"residual {report['koopman/fit_loss_initial']:.4g} -> {report['koopman/fit_loss_final']:.4g}, "
@@ -159,6 +159,14 @@ class KoopmanFit(RLVRCallback):
         self.fitted = bool(state_dict.get("fitted", False)) and self.dictionary is not None
         self.report = dict(state_dict.get("report", {}))
         self.calibration = dict(state_dict.get("calibration", {}))
+
+
+def log_metrics(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """Write ``metrics`` to the loggers once, at the step of this batch's scalars (as Lightning's
+    LearningRateMonitor does): a value given to ``module.log`` only now and then would be repeated at every
+    later step of the epoch."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 def find_koopman_fit(trainer: L.Trainer, needed_by: str) -> KoopmanFit:

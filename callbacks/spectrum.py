@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from typing_extensions import override
 
-from relax_pl.callbacks.koopman_fit import find_koopman_fit
+from relax_pl.callbacks.koopman_fit import find_koopman_fit, log_metrics
 from relax_pl.extension import RLVRCallback
 from relax_pl.koopman import dsd, koopman_eigenvalues
 from relax_pl.rollout import RolloutBatch
@@ -22,8 +22,8 @@ from relax_pl.rollout import RolloutBatch
 class SpectrumMonitor(RLVRCallback):
     """Every ``every_n_steps`` RL steps, computes the Koopman eigenvalues and DSD of up to ``max_responses``
     responses of the rollout (their hidden states before the update, under KoopmanFit's frozen dictionary);
-    logs ``koopman/dsd_mean``, ``koopman/dsd_median`` and ``koopman/valid_frac``, and, with a TensorBoard logger,
-    the images ``koopman/eigenvalues`` (complex plane with the unit circle) and ``koopman/dsd_histogram``.
+    writes ``koopman/dsd_mean``, ``koopman/dsd_median`` and ``koopman/valid_frac`` to the loggers (and to
+    ``last_metrics``), and, with a TensorBoard logger, the images ``koopman/eigenvalues`` (complex plane with the unit circle) and ``koopman/dsd_histogram``.
 
     It changes nothing in training, so it also measures DSD in a vanilla GRPO run (with KoopmanFit alone).
     Costs one no-grad forward of ``max_responses`` responses per logged step.
@@ -45,6 +45,7 @@ class SpectrumMonitor(RLVRCallback):
         if every_n_steps < 1 or max_responses < 1:
             raise ValueError(f"SpectrumMonitor needs every_n_steps >= 1 and max_responses >= 1, got {every_n_steps}, {max_responses}")
         self.every_n_steps, self.max_responses, self.n_min, self.spectrum = every_n_steps, max_responses, n_min, spectrum
+        self.last_metrics: dict[str, float] = {}  # the latest measurement, for scripts without a logger
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -66,17 +67,15 @@ class SpectrumMonitor(RLVRCallback):
             values.append(d.cpu())
             valid.append(v.cpu())
         eig, kept, valid_all = torch.cat(eigenvalues), torch.cat(values)[torch.cat(valid)], torch.cat(valid)
-        module.log_dict(
-            {
-                "koopman/dsd_mean": float(kept.mean()) if kept.numel() else math.nan,
-                "koopman/dsd_median": float(kept.median()) if kept.numel() else math.nan,
-                "koopman/valid_frac": float(valid_all.float().mean()),
-            },
-            batch_size=1,
-        )
+        self.last_metrics = {
+            "koopman/dsd_mean": float(kept.mean()) if kept.numel() else math.nan,
+            "koopman/dsd_median": float(kept.median()) if kept.numel() else math.nan,
+            "koopman/valid_frac": float(valid_all.float().mean()),
+        }
+        log_metrics(trainer, self.last_metrics)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if loggers and trainer.is_global_zero:
-            writer, step = loggers[0].experiment, trainer.global_step
+            writer, step = loggers[0].experiment, trainer.fit_loop.epoch_loop._batches_that_stepped
             writer.add_figure("koopman/eigenvalues", eigenvalue_figure(eig[valid_all], step), global_step=step)
             writer.add_figure("koopman/dsd_histogram", dsd_figure(kept, len(valid_all), step), global_step=step)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import resource
 import time
 from collections import defaultdict
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
 from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
 
 from relax_pl import objectives as obj
 from relax_pl.extension import LossTerms, PolicyForward, rlvr_callbacks
@@ -24,6 +27,7 @@ from relax_pl.models import EMBEDDED_MODEL, final_norm, load_tokenizer
 from relax_pl.rewards import BoundedScorer, MathReward, VerifiableReward
 from relax_pl.rollout import RolloutBatch, SamplingConfig, generate
 from relax_pl.setups import Setup, SingleDevice
+from relax_pl.vision import VisionConfig, image_token_count, is_vision_language, load_processor
 
 
 @dataclass
@@ -69,11 +73,15 @@ class OptimizerConfig:
 
 @dataclass
 class ValidationConfig:
-    """Validation sampling (recipe key ``model.validation``): greedy when temperature is 0."""
+    """Validation sampling (recipe key ``model.validation``): ``num_responses`` (k) per prompt, greedy when
+    temperature is 0. Logs ``val/accuracy`` (mean over all responses: mean@k), ``val/accuracy/mean@k``,
+    ``val/accuracy/pass@k`` (a prompt passes when one of its k responses is right), ``val/accuracy/greedy`` and
+    ``val/accuracy/source/<name>`` per data source (the row's ``data_source`` column, else its source)."""
 
     num_responses: int = 1
     temperature: float = 0.0
     max_new_tokens: int | None = None  # None: sampling.max_new_tokens
+    greedy: bool = True  # with temperature > 0, also decode one greedy response per prompt (val/accuracy/greedy)
 
 
 class RLVRModule(L.LightningModule):
@@ -87,6 +95,8 @@ class RLVRModule(L.LightningModule):
         setup: the hardware layout (:mod:`relax_pl.setups`); decides the Trainer's strategy.
         reward: scores one response against its dataset row; bounded in wall time.
         sampling, objective, update, optimizer, validation: see their dataclasses.
+        vision: image resizing for vision-language models (Qwen2-VL, Qwen2.5-VL), whose prompts are encoded by
+            the checkpoint's processor with each row's images; ignored for text-only models.
         chat_template: overrides the tokenizer's chat template (a Jinja string).
         trust_remote_code: passed to transformers; never set unless the recipe asks.
     """
@@ -101,6 +111,7 @@ class RLVRModule(L.LightningModule):
         update: UpdateConfig = UpdateConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         validation: ValidationConfig = ValidationConfig(),
+        vision: VisionConfig = VisionConfig(),
         chat_template: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
@@ -110,15 +121,19 @@ class RLVRModule(L.LightningModule):
         self.model_setup = setup
         self.reward = reward
         self.sampling, self.objective, self.update = sampling, objective, update
-        self.optimizer_config, self.validation = optimizer, validation
+        self.optimizer_config, self.validation, self.vision = optimizer, validation, vision
         self.chat_template = chat_template
         self.trust_remote_code = trust_remote_code
         self.policy: nn.Module | None = None
         self.tokenizer = None
+        self.processor = None  # vision-language models only
         self._reference: list[nn.Module | None] = [None]  # a list keeps it out of state_dict and .parameters()
         self._scorer: BoundedScorer | None = None
         self._reward_failures = 0  # over the run, kept in checkpoints
+        self._resumed_rng_states: dict[str, Any] | None = None  # set on resume, applied in on_train_start
         self._step_reward_failures = (0, 0)  # (timeouts, errors) of the latest scoring call
+        self._skipped_long_prompts: int | None = None  # rows left out at setup (sampling.on_long_prompt: skip)
+        self._val_metrics: dict[str, MeanMetric] = {}  # plain dict: never in state_dict, never sharded
 
     # ----------------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -126,9 +141,7 @@ class RLVRModule(L.LightningModule):
         if self.policy is not None:
             return
         self.model_setup.check(self)
-        self.tokenizer = load_tokenizer(
-            self.pretrained, trust_remote_code=self.trust_remote_code, chat_template=self.chat_template
-        )
+        self.load_processing()
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.policy = self.model_setup.build_policy(
             self.pretrained, trust_remote_code=self.trust_remote_code, device=device
@@ -138,6 +151,18 @@ class RLVRModule(L.LightningModule):
             self._reference[0] = self.model_setup.build_reference(self.policy)
         self.model_setup.parallelize(self.policy, self._reference[0], self.device_mesh)
         self.strict_loading = self.model_setup.strict_loading
+
+    def load_processing(self) -> None:
+        """The tokenizer and, for a vision-language checkpoint, its processor (no weights are read)."""
+        if self.tokenizer is not None:
+            return
+        self.tokenizer = load_tokenizer(
+            self.pretrained, trust_remote_code=self.trust_remote_code, chat_template=self.chat_template
+        )
+        if is_vision_language(self.pretrained, self.trust_remote_code):
+            self.processor = load_processor(
+                self.pretrained, self.tokenizer, self.vision.min_pixels, self.vision.max_pixels, self.trust_remote_code
+            )
 
     @property
     def needs_reference(self) -> bool:
@@ -161,6 +186,18 @@ class RLVRModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._scorer = BoundedScorer(self.reward)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if self.sampling.on_long_prompt == "skip" and hasattr(datamodule, "drop_long_prompts"):
+            self.load_processing()
+            limit = self.sampling.max_prompt_tokens
+            self._skipped_long_prompts = datamodule.drop_long_prompts(self.prompt_tokens, limit)
+
+    def prompt_tokens(self, sample: dict[str, Any]) -> int:
+        """Tokens of the rendered prompt, each image counted at its size after resizing (no pixels are processed)."""
+        tokens = len(self.tokenizer(self.render_prompt(sample), add_special_tokens=False)["input_ids"])
+        for image in sample.get("images") or []:  # its one placeholder token becomes image_token_count tokens
+            tokens += image_token_count(self.processor.image_processor, image) - 1
+        return tokens
 
     def teardown(self, stage: str) -> None:
         if self._scorer is not None:
@@ -205,9 +242,17 @@ class RLVRModule(L.LightningModule):
         synced = self.trainer.world_size > 1 if self._trainer is not None else False
         sampling = sampling or self.sampling
         with self.model_setup.generation(self.policy):
-            return generate(self.policy, self.tokenizer, prompts, batch, sampling, greedy=greedy, synced=synced)
+            return generate(
+                self.policy, self.tokenizer, prompts, batch, sampling, greedy=greedy, synced=synced,
+                processor=self.processor,
+            )
 
     def render_prompt(self, sample: dict[str, Any]) -> str:
+        if sample.get("images") and self.processor is None:
+            raise ValueError(
+                f"row {sample.get('row')} from {sample.get('source')!r} has images, but model.pretrained="
+                f"{self.pretrained!r} is a text-only model; use a vision-language model or remove data.image_key"
+            )
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(
                 f"the tokenizer of {self.pretrained!r} has no chat template; set model.chat_template in the recipe"
@@ -219,7 +264,7 @@ class RLVRModule(L.LightningModule):
 
         Override for batch-level rewards (e.g. a learned verifier that needs the model); keep ``"overall"``.
         """
-        scored = self._scorer(rollout.completions, rollout.samples)
+        scored = self._scorer(rollout.completions, [reward_fields(sample) for sample in rollout.samples])
         self._reward_failures += scored.timeouts + scored.errors
         self._step_reward_failures = (scored.timeouts, scored.errors)
         if scored.first_error:
@@ -248,8 +293,10 @@ class RLVRModule(L.LightningModule):
         prompt = rollout.prompt_length
         input_ids = rollout.input_ids[rows, : prompt + length]
         attention_mask = rollout.attention_mask[rows, : prompt + length]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
-        extra = {k: v[rows.to(v.device)] for k, v in rollout.model_inputs.items()}
+        extra = rollout.forward_inputs(rows, prompt + length)
+        # numbered as generate() numbers left-padded rows; with images Qwen-VL derives its 3-D (time, height,
+        # width) rotary positions from mm_token_type_ids and the image grids itself, as generate() did
+        position_ids = None if "image_grid_thw" in extra else (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with capture_output(final_norm(model)) as captured:
             model(
                 input_ids=input_ids,
@@ -392,16 +439,47 @@ class RLVRModule(L.LightningModule):
             max_new_tokens=cfg.max_new_tokens or self.sampling.max_new_tokens,
             temperature=cfg.temperature,
         )
-        rollout = self.generate(batch, sampling, greedy=cfg.temperature == 0)
+        greedy = cfg.temperature == 0
+        rollout = self.generate(batch, sampling, greedy=greedy)
         components = self.compute_rewards(rollout)
-        n = len(rollout)
         for name, values in components.items():
-            key = "val/reward" if name == "overall" else f"val/{name}"
-            self.log(key, values.mean(), batch_size=n, sync_dist=True, prog_bar=name == "accuracy")
-        lengths = rollout.response_mask.sum(-1).float()
-        self.log("val/response_length", lengths.mean(), batch_size=n, sync_dist=True)
+            self.val_metric("val/reward" if name == "overall" else f"val/{name}").update(values)
+        self.val_metric("val/response_length").update(rollout.response_mask.sum(-1).float())
+        k = rollout.group_size
+        per_prompt = correctness(components).view(-1, k)  # (prompts, k)
+        self.val_metric(f"val/accuracy/mean@{k}").update(per_prompt.mean(-1))
+        self.val_metric(f"val/accuracy/pass@{k}").update(per_prompt.max(-1).values)
+        for sample, value in zip(batch, per_prompt.mean(-1)):
+            source = re.sub(r"[^\w.@-]+", "_", str(sample.get("data_source") or sample.get("source")))
+            self.val_metric(f"val/accuracy/source/{source}").update(value)
+        if greedy:
+            self.val_metric("val/accuracy/greedy").update(per_prompt[:, 0])
+        elif cfg.greedy:
+            greedy_rollout = self.generate(batch, replace(sampling, num_responses=1), greedy=True)
+            self.val_metric("val/accuracy/greedy").update(correctness(self.compute_rewards(greedy_rollout)))
 
     test_step = validation_step
+
+    def val_metric(self, name: str) -> MeanMetric:
+        if name not in self._val_metrics:
+            self._val_metrics[name] = MeanMetric(nan_strategy="ignore").to(self.device)
+        return self._val_metrics[name]
+
+    def on_validation_epoch_end(self) -> None:
+        """Log every validation mean over all ranks. Ranks may have seen different data sources, so the names are
+        gathered first: every rank then syncs the same metrics in the same order."""
+        names = set(self._val_metrics)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, sorted(names))
+            names = set().union(*gathered)
+        for name in sorted(names):
+            metric = self.val_metric(name)
+            # already reduced over ranks by compute(); sync_dist averages equal values (and keeps Lightning quiet)
+            self.log(name, metric.compute(), prog_bar=name == "val/accuracy", sync_dist=True)
+            metric.reset()
+
+    on_test_epoch_end = on_validation_epoch_end
 
     # ----------------------------------------------------------------------------------------- metrics
     def rollout_metrics(self, rollout: RolloutBatch) -> dict[str, float]:
@@ -418,6 +496,8 @@ class RLVRModule(L.LightningModule):
         }
         timeouts, errors = self._step_reward_failures
         metrics["reward/timeouts"], metrics["reward/errors"] = float(timeouts), float(errors)
+        if self._skipped_long_prompts is not None:
+            metrics["data/skipped_long_prompts"] = float(self._skipped_long_prompts)
         for name, values in rollout.reward_components.items():
             if name != "overall":
                 metrics[f"reward/{name}"] = float(values.mean())
@@ -459,13 +539,37 @@ class RLVRModule(L.LightningModule):
         per_rank = checkpoint.get("rng_states_per_rank")
         if per_rank is not None and len(per_rank) == self.trainer.world_size:
             states = per_rank[self.global_rank]
+        # applied in on_train_start: in between, Lightning creates the DataLoader iterator, which draws its base
+        # seed from the global generator (an uninterrupted run drew it before its first step, not here)
+        self._resumed_rng_states = states or None
+        self._reward_failures = checkpoint.get("reward_failures_total", 0)
+
+    def on_train_start(self) -> None:
+        states, self._resumed_rng_states = self._resumed_rng_states, None
         if states:
             torch.set_rng_state(states["torch"])
             if states["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
             np.random.set_state(numpy_state_from_tensors(states["numpy"]))
             random.setstate(states["python"])
-        self._reward_failures = checkpoint.get("reward_failures_total", 0)
+
+
+def correctness(components: dict[str, Tensor]) -> Tensor:
+    """Per response, how right it is: the reward's ``accuracy`` component, else its ``overall`` score."""
+    return components.get("accuracy", components["overall"])
+
+
+def reward_fields(sample: dict[str, Any]) -> dict[str, Any]:
+    """The row as the reward worker receives it: without images or other binary columns, which would be
+    pickled to the worker once per response for nothing (a reward that needs the images overrides
+    ``compute_rewards``, which sees ``rollout.samples`` whole)."""
+    return {k: v for k, v in sample.items() if k != "images" and not is_binary(v)}
+
+
+def is_binary(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(is_binary(v) for v in value)
+    return isinstance(value, (bytes, bytearray, Image.Image)) or (isinstance(value, dict) and "bytes" in value)
 
 
 def numpy_state_to_tensors(state: tuple) -> dict[str, Any]:

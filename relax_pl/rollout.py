@@ -7,11 +7,13 @@ model (FSDP) must run the same number of decoding steps, so ``synced=True`` keep
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig
+
+from relax_pl.vision import gather_by_prompt, split_by_prompt, vision_token_ids
 
 
 @dataclass
@@ -23,7 +25,10 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
-    max_prompt_tokens: int = 1024  # longer prompts fail with a message naming the row
+    max_prompt_tokens: int = 1024  # counted after chat templating, image tokens included
+    # "error": a longer prompt fails with a message naming its row; "skip": such rows are left out of the data
+    # when the run starts (counted and named in a warning), so every batch stays full and ranks stay in step
+    on_long_prompt: Literal["skip", "error"] = "error"
 
     def __post_init__(self) -> None:
         if self.num_responses < 1 or self.max_new_tokens < 1:
@@ -47,7 +52,12 @@ class RolloutBatch:
     completions: list[str]
     samples: list[dict[str, Any]]  # the dataset row of each response's prompt
     group_size: int
-    model_inputs: dict[str, Tensor] = field(default_factory=dict)  # extra forward inputs (e.g. pixel_values)
+    # Extra forward inputs stored once per prompt, not per response (vision.split_by_prompt): prompt g owns
+    # model_input_counts[k][g] consecutive rows of model_inputs[k] (Qwen-VL: its image patches and grids).
+    model_inputs: dict[str, Tensor] = field(default_factory=dict)
+    model_input_counts: dict[str, list[int]] = field(default_factory=dict)
+    prompt_index: Tensor | None = None  # (N,) the prompt of model_inputs each row's response answers
+    mm_token_type_ids: Tensor | None = None  # (N, P + T) Qwen-VL's modality of each position (1: image token)
     rewards: Tensor | None = None  # (N,)
     reward_components: dict[str, Tensor] = field(default_factory=dict)
     advantages: Tensor | None = None  # (N,)
@@ -76,13 +86,25 @@ class RolloutBatch:
             response_mask=self.response_mask[rows],
             completions=[self.completions[i] for i in idx],
             samples=[self.samples[i] for i in idx],
-            model_inputs={k: v[rows.to(v.device)] for k, v in self.model_inputs.items()},
+            prompt_index=pick(self.prompt_index),
+            mm_token_type_ids=pick(self.mm_token_type_ids),
             rewards=pick(self.rewards),
             reward_components={k: v[rows.to(v.device)] for k, v in self.reward_components.items()},
             advantages=pick(self.advantages),
             old_logp=pick(self.old_logp),
             ref_logp=pick(self.ref_logp),
         )
+
+    def forward_inputs(self, rows: Tensor, width: int) -> dict[str, Tensor]:
+        """The extra forward inputs of ``rows`` for a forward over their first ``width`` positions: each row's
+        prompt's images (repeated for rows of the same prompt) and modality ids."""
+        extra = {}
+        if self.model_inputs:
+            prompts = self.prompt_index[rows.to(self.prompt_index.device)].tolist()
+            extra = gather_by_prompt(self.model_inputs, self.model_input_counts, prompts)
+        if self.mm_token_type_ids is not None:
+            extra["mm_token_type_ids"] = self.mm_token_type_ids[rows.to(self.mm_token_type_ids.device), :width]
+        return extra
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -94,9 +116,16 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
-def generation_config(sampling: SamplingConfig, stop_ids: list[int], pad_id: int, greedy: bool = False) -> GenerationConfig:
+def generation_config(
+    sampling: SamplingConfig,
+    stop_ids: list[int],
+    pad_id: int,
+    greedy: bool = False,
+    suppress_ids: list[int] | None = None,
+) -> GenerationConfig:
     """A complete GenerationConfig, so the model's own ``generation_config`` defaults (a top_p or
-    repetition penalty shipped with the checkpoint) never change the sampling the recipe asked for."""
+    repetition penalty shipped with the checkpoint) never change the sampling the recipe asked for.
+    ``suppress_ids`` are never sampled (vision placeholders: a response holding one could not be re-read)."""
     do_sample = not greedy and sampling.temperature > 0
     return GenerationConfig(
         do_sample=do_sample,
@@ -107,6 +136,7 @@ def generation_config(sampling: SamplingConfig, stop_ids: list[int], pad_id: int
         eos_token_id=stop_ids,
         pad_token_id=pad_id,
         repetition_penalty=1.0,
+        suppress_tokens=suppress_ids or None,
         use_cache=True,
     )
 
@@ -133,27 +163,40 @@ def generate(
     greedy: bool = False,
     num_responses: int | None = None,
     synced: bool = False,
+    processor: Any = None,
 ) -> RolloutBatch:
-    """Sample ``num_responses`` (default ``sampling.num_responses``) responses for each rendered prompt."""
+    """Sample ``num_responses`` (default ``sampling.num_responses``) responses for each rendered prompt.
+
+    With a ``processor`` (vision-language models) the prompts are encoded together with each sample's
+    ``"images"``, in order; their patches go through generation and are kept once per prompt in the rollout.
+    """
     group_size = sampling.num_responses if num_responses is None else num_responses
     device = next(model.parameters()).device
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    lengths = encoded["attention_mask"].sum(-1)
-    for i, length in enumerate(lengths.tolist()):
-        if length > sampling.max_prompt_tokens:
-            sample = samples[i]
-            raise ValueError(
-                f"prompt of row {sample.get('row')} from {sample.get('source')!r} has {length} tokens, more than "
-                f"sampling.max_prompt_tokens={sampling.max_prompt_tokens}; raise the limit or filter the data"
-            )
+    if processor is None:
+        encoded = dict(tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False))
+    else:
+        images = [image for sample in samples for image in sample.get("images") or []]
+        encoded = dict(processor(text=prompts, images=images or None, return_tensors="pt", padding=True))
+    check_prompt_lengths(encoded, samples, sampling.max_prompt_tokens)
+    images_per_prompt = [len(sample.get("images") or []) for sample in samples]
+    model_inputs, counts = split_by_prompt(encoded, images_per_prompt) if processor is not None else ({}, {})
+    model_inputs = {k: v.to(device) for k, v in model_inputs.items()}
+    prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
     input_ids = encoded["input_ids"].to(device).repeat_interleave(group_size, dim=0)
     attention_mask = encoded["attention_mask"].to(device).repeat_interleave(group_size, dim=0)
-    config = generation_config(sampling, stop_token_ids(model, tokenizer), tokenizer.pad_token_id, greedy=greedy)
+    extra = gather_by_prompt(model_inputs, counts, prompt_index.tolist())
+    prompt_types = encoded.get("mm_token_type_ids")
+    if prompt_types is not None:
+        extra["mm_token_type_ids"] = prompt_types = prompt_types.to(device).repeat_interleave(group_size, dim=0)
+    config = generation_config(
+        sampling, stop_token_ids(model, tokenizer), tokenizer.pad_token_id, greedy=greedy,
+        suppress_ids=vision_token_ids(model),
+    )
     was_training = model.training
     model.eval()
     try:
         sequences = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced, **extra
         )
     finally:
         model.train(was_training)
@@ -162,6 +205,8 @@ def generate(
     response_mask = response_mask_from_tokens(responses, config.eos_token_id)
     responses = responses.masked_fill(~response_mask, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    if prompt_types is not None:  # response tokens are text
+        prompt_types = torch.cat([prompt_types, torch.zeros_like(responses, dtype=prompt_types.dtype)], dim=1)
     return RolloutBatch(
         input_ids=torch.cat([input_ids, responses], dim=1),
         attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
@@ -170,4 +215,24 @@ def generate(
         completions=completions,
         samples=[s for s in samples for _ in range(group_size)],
         group_size=group_size,
+        model_inputs=model_inputs,
+        model_input_counts=counts,
+        prompt_index=prompt_index,
+        mm_token_type_ids=prompt_types,
     )
+
+
+def check_prompt_lengths(encoded: dict[str, Tensor], samples: list[dict[str, Any]], max_prompt_tokens: int) -> None:
+    """Raise, naming the row, when an encoded prompt (image tokens included) is longer than ``max_prompt_tokens``:
+    cutting it would leave image tokens without their image features, or a question without its end."""
+    lengths = encoded["attention_mask"].sum(-1).tolist()
+    types = encoded.get("mm_token_type_ids")
+    image_tokens = (types != 0).sum(-1).tolist() if types is not None else [0] * len(lengths)
+    for sample, length, images in zip(samples, lengths, image_tokens):
+        if length > max_prompt_tokens:
+            of_which = f" ({images} of them image tokens)" if images else ""
+            raise ValueError(
+                f"prompt of row {sample.get('row')} from {sample.get('source')!r} has {length} tokens{of_which}, more "
+                f"than sampling.max_prompt_tokens={max_prompt_tokens}; raise the limit, lower model.vision.max_pixels "
+                "for images, or set sampling.on_long_prompt: skip"
+            )

@@ -204,6 +204,7 @@ class QLoRA(Setup):
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(base)
             base.enable_input_require_grads()  # checkpointed blocks then see an input that carries grad
+        keep_cpu_weights_trainable(base)
         return get_peft_model(base, self.lora_config(base))
 
     def build_reference(self, policy: nn.Module) -> None:
@@ -338,6 +339,17 @@ class ShardedDataParallel(ModelParallelStrategy):
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # generate() turns the cache back on through its own config
+
+
+def keep_cpu_weights_trainable(model: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights into an inference-only layout the
+    first time it runs in eval mode without grad (as generation does) and keeps them so; a training forward then
+    fails (an in-place bias add on a leaf). Switch the repacking off: generation and training share the layers."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def sharding_units(model: nn.Module) -> list[nn.Module]:

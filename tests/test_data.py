@@ -199,7 +199,7 @@ def test_jsonl_folder_with_relative_image_paths(tmp_path):
     make_image(tmp_path / "img" / "b.png", 20)
     write_jsonl(
         tmp_path / "train.jsonl",
-        [{"problem": "<image> A?", "answer": "1", "images": ["img/a.png", "img/b.png"]}],
+        [{"problem": "<image><image> A?", "answer": "1", "images": ["img/a.png", "img/b.png"]}],
     )
     write_jsonl(tmp_path / "test.jsonl", [{"problem": "<image> B?", "answer": "2", "images": "img/b.png"}])
     dm = PromptDataModule(str(tmp_path), val_source=str(tmp_path), image_key="images", batch_size=1)

@@ -61,18 +61,18 @@ def test_descent_on_l_xp_raises_dsd_only_for_positive_ungated_responses():
     optimizer = torch.optim.SGD([hidden], lr=20.0)
     for step in range(5):
         optimizer.zero_grad()
+        now, _ = dsd(hidden.detach(), mask, fit.dictionary, n_min=N_MIN)
         terms = loss_terms(explore, fit, hidden, mask)
         assert set(terms.losses) == {"relax/xp_loss"}
         terms.losses["relax/xp_loss"].backward()
-        grad_rows = hidden.grad.abs().sum((1, 2))
         if step == 0:
             assert terms.metrics["relax/valid_frac"] == pytest.approx(5 / 6)
             assert terms.metrics["relax/dsd_mean"] == pytest.approx(float(values[:5].mean()))
-        # A <= 0 (rows 2, 4), invalid (row 5) and over-dispersed (gated_row): exactly no gradient
-        for row in (2, 4, 5, gated_row):
-            assert grad_rows[row] == 0, row
-        for row in (1, free_row):
-            assert grad_rows[row] > 0, row
+            assert float(now[free_row]) < explore.xi < float(now[gated_row])
+        # gradient exactly where A > 0, DSD is defined and not over xi (re-evaluated at every step); rows 2 and 4
+        # (A <= 0), 5 (too short) and the over-dispersed gated_row get none
+        moving = valid & (ADVANTAGES > 0) & (now <= explore.xi)
+        assert (hidden.grad.abs().sum((1, 2)) > 0).tolist() == moving.tolist()
         optimizer.step()
     after, _ = dsd(hidden.detach(), mask, fit.dictionary, n_min=N_MIN)
     for row in (1, free_row):
@@ -100,7 +100,7 @@ def test_gated_kl_reaches_only_over_dispersed_responses():
 
 
 def test_l_xp_is_log_mean_exp_over_each_groups_valid_responses():
-    dispersion = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64, requires_grad=True)
+    dispersion = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     groups = torch.tensor([0, 0, 1, 1])
     advantages = torch.tensor([1.0, 2.0, 1.0, -1.0])
     none = torch.zeros(4, dtype=torch.bool)
@@ -243,4 +243,6 @@ def test_token_level_baselines_fit(tmp_path, tiny_model, objective):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     scalars, _ = logged(tmp_path)
     assert len(scalars["actor/pg_loss"]) == 2 and all(math.isfinite(v) for v in scalars["actor/pg_loss"])
-    assert all(math.isfinite(v) and v > 0 for v in scalars["actor/grad_norm"])
+    assert all(math.isfinite(v) for v in scalars["actor/grad_norm"])
+    if objective.get("entropy_coef"):  # the random model's rewards are all 0: only the bonus has a gradient
+        assert all(v > 0 for v in scalars["actor/grad_norm"])

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import PeftModel, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM
 
 from relax_pl.cli import main
 from relax_pl.export import export, load_policy_state
 from relax_pl.models import build_tiny_model, load_causal_lm
-from relax_pl.setups import FSDP, QLoRA, SingleDevice
+from relax_pl.setups import FSDP, QLoRA, SingleDevice, keep_cpu_weights_trainable
 from relax_pl.testing import save_tiny_model
 
 TESTS = Path(__file__).parent
@@ -70,6 +70,7 @@ def write_recipe(folder: Path, model: Path, setup: dict, max_steps: int = 2, **o
             "pretrained": str(model),
             "setup": setup,
             "sampling": {"num_responses": 4, "max_new_tokens": 12, "temperature": 1.0},
+            "reward": {"class_path": "probes.LengthParityReward"},  # rewards differ within groups: a gradient
             "objective": {"kl_coef": 0.01},
             "update": {"micro_batch_size": 4},
             "optimizer": {"lr": 1e-2},
@@ -104,6 +105,7 @@ def qlora_run(tmp_path_factory, tiny_model):
 
 def four_bit_base(folder: Path, setup: QLoRA) -> torch.nn.Module:
     base = load_causal_lm(str(folder), dtype="float32", quantization_config=setup.quantization_config())
+    keep_cpu_weights_trainable(base)  # as the policy's layers: no bf16 inference repacking on the CPU
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False).eval()
 
 
@@ -197,17 +199,14 @@ def test_lora_target_that_matches_nothing_names_the_layers(tiny_model):
         QLoRA(target_modules=["q_proj", "qproj"]).lora_config(model)
     with pytest.raises(ValueError, match="'up_proj' matches no linear layer"):  # every up_proj is excluded
         QLoRA(target_modules=["up_proj"], exclude_modules=["mlp"]).lora_config(model)
-    config = QLoRA(target_modules=["q_proj", "up_proj"], exclude_modules=["mlp"]).lora_config(model)
-    from peft import get_peft_model
-
-    wrapped = get_peft_model(model, config)
-    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in wrapped.named_parameters() if "lora_A" in n}
-    assert adapted and all(n.endswith("self_attn.q_proj") for n in adapted)  # up_proj sits under the excluded mlp
+    wrapped = get_peft_model(model, QLoRA(target_modules="all-linear", exclude_modules=["mlp"]).lora_config(model))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}  # nothing under the excluded mlp, not the head
 
 
 def test_impossible_combinations_fail_early(tmp_path, tiny_model, capsys):
     recipe = write_recipe(tmp_path / "q", tiny_model, qlora_setup())
-    with pytest.raises(ValueError, match="trainer.devices=2 conflicts with model.setup"):
+    with pytest.raises(ValueError, match=r"trainer.devices='?2'? conflicts with model.setup \(QLoRA uses 1\)"):
         main(["fit", "--config", str(recipe), "--trainer.devices", "2"])
     recipe = write_recipe(tmp_path / "f", tiny_model, {"class_path": "relax_pl.setups.FSDP"})
     with pytest.raises(ValueError, match="FSDP on one CPU process shards nothing"):
@@ -223,14 +222,11 @@ def fsdp_fit(folder: Path, model: Path, max_steps: int, ckpt_path: str | None = 
         model,
         {"class_path": "relax_pl.setups.FSDP", "init_args": {"gradient_checkpointing": True}},
         max_steps=max_steps,
-        **{
-            "model.reward": {"class_path": "fsdp_probe.LengthParityReward"},
-            "model.sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0},
-        },
+        **{"model.sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0}},
     )
     recipe_dict = yaml.safe_load(recipe.read_text())
     recipe_dict["trainer"]["callbacks"].append(
-        {"class_path": "fsdp_probe.ShardProbe", "init_args": {"out": str(folder / "probe")}}
+        {"class_path": "probes.ShardProbe", "init_args": {"out": str(folder / "probe")}}
     )
     recipe.write_text(yaml.safe_dump(recipe_dict))
     command = [sys.executable, "-m", "relax_pl", "fit", "--config", str(recipe),

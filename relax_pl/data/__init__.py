@@ -2,7 +2,7 @@
 
 from relax_pl.data.datamodule import PromptDataModule, PromptDataset, ResumableSampler, build_messages
 from relax_pl.data.sources import DataError, Rows, load_rows
-from relax_pl.data.tasks import TASKS, arithmetic
+from relax_pl.data.tasks import TASKS, arithmetic, geometry
 
 __all__ = [
     "TASKS",
@@ -12,6 +12,7 @@ __all__ = [
     "ResumableSampler",
     "Rows",
     "arithmetic",
+    "geometry",
     "build_messages",
     "load_rows",
 ]

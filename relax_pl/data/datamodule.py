@@ -39,10 +39,37 @@ def template_fields(template: str) -> list[str]:
     return fields
 
 
-def build_messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:
-    """The chat of one prompt: an optional system turn, then the user turn."""
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def build_messages(
+    prompt: str, system_prompt: str | None, num_images: int = 0, placeholder: str = IMAGE_PLACEHOLDER
+) -> list[dict[str, Any]]:
+    """The chat of one prompt: an optional system turn, then the user turn.
+
+    With images the user turn is a list of content parts (the form vision-language chat templates render):
+    each ``placeholder`` in the prompt becomes an ``{"type": "image"}`` part at its place, in order, and the
+    text around it ``{"type": "text", "text": ...}`` parts. A prompt without placeholders gets its images
+    before the text, as in Qwen-VL's own examples.
+
+    Raises:
+        ValueError: the prompt holds placeholders, but not one per image.
+    """
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [*system, {"role": "user", "content": prompt}]
+    if num_images == 0:
+        return [*system, {"role": "user", "content": prompt}]
+    pieces = prompt.split(placeholder)
+    if len(pieces) == 1:
+        pieces = [""] * num_images + [prompt]
+    elif len(pieces) - 1 != num_images:
+        raise ValueError(f"the prompt holds {len(pieces) - 1} {placeholder} placeholders for {num_images} images")
+    parts: list[dict[str, str]] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return [*system, {"role": "user", "content": parts}]
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -67,6 +94,7 @@ class PromptDataset(Dataset):
         image_key: str | None = None,
         system_prompt: str | None = None,
         prompt_template: str = "{prompt}",
+        image_placeholder: str = IMAGE_PLACEHOLDER,
     ) -> None:
         self.rows = rows
         self.prompt_key = prompt_key
@@ -75,28 +103,59 @@ class PromptDataset(Dataset):
         self.system_prompt = system_prompt
         self.prompt_template = prompt_template
         self.template_fields = template_fields(prompt_template)
+        self.image_placeholder = image_placeholder
+        self.indices: list[int] | None = None  # the rows kept by keep_short_prompts; None: all
+        self.skipped: list[int] = []
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        index = position if self.indices is None else self.indices[position]
         row = self.rows[index]
         prompt, answer = self._render(row, index)
         images = None
+        messages = build_messages(prompt, self.system_prompt)
         if self.image_key is not None:
             images = [self.rows.load_image(value, index) for value in _as_list(row[self.image_key])]
+            try:
+                messages = build_messages(prompt, self.system_prompt, len(images), self.image_placeholder)
+            except ValueError as error:
+                raise DataError(f"{self.rows.locate(index)}: {error} (field {self.prompt_key!r})") from None
         own = (self.prompt_key, self.answer_key, self.image_key)
         other = {key: value for key, value in row.items() if key not in own}
         # the fixed fields win over same-named columns: every consumer relies on them
         return {
             **other,
             "prompt": prompt,
-            "messages": build_messages(prompt, self.system_prompt),
+            "messages": messages,
             "answer": answer,
             "images": images,
             "source": self.rows.source,
             "row": index,
         }
+
+    def keep_short_prompts(self, count_tokens: Callable[[dict[str, Any]], int], max_tokens: int) -> list[int]:
+        """Keep only the rows whose prompt has at most ``max_tokens`` tokens as ``count_tokens(sample)`` counts
+        them (once: later calls keep the first result); warns naming the rows left out and returns them.
+
+        Raises:
+            DataError: no row is short enough.
+        """
+        if self.indices is None:
+            lengths = [count_tokens(self[i]) for i in range(len(self.rows))]
+            self.skipped = [i for i, n in enumerate(lengths) if n > max_tokens]
+            self.indices = [i for i, n in enumerate(lengths) if n <= max_tokens]
+            where = f"{self.rows.where}" + (f" split {self.rows.split!r}" if self.rows.split is not None else "")
+            if not self.indices:
+                raise DataError(f"{where}: every prompt is longer than {max_tokens} tokens (longest {max(lengths)})")
+            if self.skipped:
+                rank_zero_warn(
+                    f"{where}: left out {len(self.skipped)} of {len(lengths)} rows whose prompt is longer than "
+                    f"{max_tokens} tokens (sampling.max_prompt_tokens, image tokens included): rows {self.skipped[:20]}"
+                    + (" ..." if len(self.skipped) > 20 else "")
+                )
+        return self.skipped
 
     def validate(self) -> None:
         """Check every row now, so that a bad row fails at ``setup()`` rather than hours into training.
@@ -106,14 +165,20 @@ class PromptDataset(Dataset):
         """
         columns = [self.prompt_key, self.answer_key, *self.template_fields]
         for index, row in enumerate(self.rows.scan(columns, present=self.image_key)):
-            self._render(row, index)
+            prompt, _ = self._render(row, index)
             if self.image_key is None:
                 continue
-            for value in _as_list(row[self.image_key]):
+            values = _as_list(row[self.image_key])
+            for value in values:
                 if isinstance(value, str) and not self.rows.image_path(value).is_file():
                     path = str(self.rows.image_path(value))
                     where = self.rows.locate(index)
                     raise DataError(f"{where}: image file {path!r} (field {self.image_key!r}) does not exist")
+            if not any(v is True for v in values):  # in-memory rows hold images; a scanned dataset marks them True
+                try:
+                    build_messages(prompt, None, len(values), self.image_placeholder)
+                except ValueError as error:
+                    raise DataError(f"{self.rows.locate(index)}: {error} (field {self.prompt_key!r})") from None
 
     def _render(self, row: dict[str, Any], index: int) -> tuple[str, str]:
         """The templated prompt and the answer string of a row, or a DataError naming the bad field."""
@@ -202,6 +267,8 @@ class PromptDataModule(L.LightningDataModule):
         answer_key: column holding the reference answer.
         image_key: column holding the image(s) (PIL images, paths relative to the JSONL file, or lists of
             them); None for text-only prompts.
+        image_placeholder: where an image goes in the prompt text (Geometry3K: ``<image>``); the user turn then
+            becomes content parts with the images at their places (see :func:`build_messages`).
         system_prompt: content of a system turn placed before every prompt; None for none.
         prompt_template: a ``str.format`` template for the user turn: ``{prompt}`` is the ``prompt_key`` column
             and any other ``{column}`` of the row may be used, e.g. ``"{prompt}\\nChoices: {choices}"``.
@@ -242,6 +309,7 @@ class PromptDataModule(L.LightningDataModule):
         prompt_key: str = "problem",
         answer_key: str = "answer",
         image_key: str | None = None,
+        image_placeholder: str = IMAGE_PLACEHOLDER,
         system_prompt: str | None = None,
         prompt_template: str = "{prompt}",
         batch_size: int = 4,
@@ -271,6 +339,7 @@ class PromptDataModule(L.LightningDataModule):
         self.prompt_key = prompt_key
         self.answer_key = answer_key
         self.image_key = image_key
+        self.image_placeholder = image_placeholder
         self.system_prompt = system_prompt
         self.prompt_template = prompt_template
         self.batch_size = batch_size
@@ -302,10 +371,21 @@ class PromptDataModule(L.LightningDataModule):
         if len(rows) == 0:
             raise DataError(f"data source {source!r} split {split!r} has no rows")
         dataset = PromptDataset(
-            rows, self.prompt_key, self.answer_key, self.image_key, self.system_prompt, self.prompt_template
+            rows, self.prompt_key, self.answer_key, self.image_key, self.system_prompt, self.prompt_template,
+            self.image_placeholder,
         )
         dataset.validate()
         return dataset
+
+    def drop_long_prompts(self, count_tokens: Callable[[dict[str, Any]], int], max_tokens: int) -> int:
+        """Leave out of the loaded splits the rows whose prompt is longer than ``max_tokens`` (counted by
+        ``count_tokens(sample)``, e.g. the module's tokenizer and image processor); returns how many were left out.
+
+        Called by the module's ``setup`` when ``sampling.on_long_prompt`` is ``"skip"``. Every rank drops the same
+        rows, so ranks keep the same number of batches.
+        """
+        datasets = [d for d in (self.train_data, self.val_data) if d is not None]
+        return sum(len(d.keep_short_prompts(count_tokens, max_tokens)) for d in datasets)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_data is None:

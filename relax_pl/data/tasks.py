@@ -19,9 +19,13 @@ Adding a task::
 
 from __future__ import annotations
 
+import io
+import math
 import random
 import zlib
 from typing import Callable
+
+from PIL import Image, ImageDraw, ImageFont
 
 SPLITS = ("train", "validation", "test")
 OPERATIONS = "+-*"
@@ -97,4 +101,156 @@ def arithmetic(
     )
 
 
-TASKS: dict[str, Callable[..., list[dict]]] = {"arithmetic": arithmetic}
+GEOMETRY_PROBLEMS = ("angle", "hypotenuse", "leg", "rectangle_area", "triangle_area")
+PYTHAGOREAN_TRIPLES = ((3, 4, 5), (5, 12, 13), (8, 15, 17), (7, 24, 25), (20, 21, 29), (9, 40, 41))
+GEOMETRY_QUESTIONS = {
+    "angle": "<image>Two angles of the triangle are marked in degrees. Find x.",
+    "hypotenuse": "<image>The triangle has a right angle. Find x, the length of its hypotenuse.",
+    "leg": "<image>The triangle has a right angle. Find x.",
+    "rectangle_area": "<image>Find the area of the rectangle.",
+    "triangle_area": "<image>Find the area of the triangle; the dashed segment is its height.",
+}
+
+
+def geometry_problems(kind: str) -> list[tuple[int, ...]]:
+    """Every parameter tuple of one kind of figure (the whole problem space, before splitting)."""
+    if kind == "angle":  # two angles a, b of a triangle; x = 180 - a - b >= 30
+        return [(a, b) for a in range(30, 100, 5) for b in range(30, 100, 5) if a + b <= 150]
+    if kind in ("hypotenuse", "leg"):  # legs p, q and hypotenuse r of a right triangle, scaled by k
+        return [(k * p, k * q, k * r) for p, q, r in PYTHAGOREAN_TRIPLES for k in range(1, 5) if k * r <= 100]
+    if kind in ("rectangle_area", "triangle_area"):  # width (base) and height
+        return [(w, h) for w in range(2, 21) for h in range(2, 21)]
+    raise ValueError(f"builtin:geometry has no problem kind {kind!r}; choose from {list(GEOMETRY_PROBLEMS)}")
+
+
+def geometry_answer(kind: str, params: tuple[int, ...]) -> str:
+    """The exact answer of a figure, as a string (a triangle's area may end in .5)."""
+    if kind == "angle":
+        return str(180 - params[0] - params[1])
+    if kind == "hypotenuse":
+        return str(params[2])
+    if kind == "leg":
+        return str(params[1])
+    if kind == "rectangle_area":
+        return str(params[0] * params[1])
+    area = params[0] * params[1] / 2
+    return str(int(area)) if area.is_integer() else str(area)
+
+
+def draw_geometry(kind: str, params: tuple[int, ...], size: int = 224) -> Image.Image:
+    """The figure of one problem: the shape drawn to scale, its given values written next to their parts and
+    the unknown marked ``x`` (nothing else; the question text does not repeat the numbers)."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, size // 14))
+    if kind == "angle":
+        a, b = math.radians(params[0]), math.radians(params[1])
+        apex = (math.cos(a) * math.sin(b) / math.sin(a + b), math.sin(a) * math.sin(b) / math.sin(a + b))
+        corners = [(0.0, 0.0), (1.0, 0.0), apex]
+        labels = [(0, f"{params[0]}°"), (1, f"{params[1]}°"), (2, "x°")]
+        _polygon(draw, font, corners, size, corner_labels=labels)
+    elif kind in ("hypotenuse", "leg"):
+        p, q, r = params
+        corners = [(0.0, 0.0), (float(q), 0.0), (0.0, float(p))]  # right angle at the first corner
+        hyp = "x" if kind == "hypotenuse" else str(r)
+        _polygon(draw, font, corners, size, side_labels=[str(q) if kind == "hypotenuse" else "x", hyp, str(p)],
+                 right_angle=True)
+    elif kind == "rectangle_area":
+        w, h = params
+        corners = [(0.0, 0.0), (float(w), 0.0), (float(w), float(h)), (0.0, float(h))]
+        _polygon(draw, font, corners, size, side_labels=[str(w), str(h), None, None])
+    else:
+        base, height = params
+        apex_x = base * (0.3 if (base + height) % 2 else 0.7)
+        corners = [(0.0, 0.0), (float(base), 0.0), (apex_x, float(height))]
+        _polygon(draw, font, corners, size, side_labels=[str(base), None, None], altitude=(apex_x, height, str(height)))
+    return image
+
+
+def _polygon(draw, font, corners, size, side_labels=None, corner_labels=None, right_angle=False, altitude=None):
+    """Draw a polygon scaled into the image (y up), with labels at side midpoints or inside corners."""
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    margin = size * 0.18
+    scale = (size - 2 * margin) / max(max(xs) - min(xs), max(ys) - min(ys))
+    center = ((max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2)
+
+    def to_pixels(x: float, y: float) -> tuple[float, float]:
+        return size / 2 + (x - center[0]) * scale, size / 2 - (y - center[1]) * scale
+
+    points = [to_pixels(*c) for c in corners]
+    draw.polygon(points, outline="black", width=2)
+    middle = (sum(p[0] for p in points) / len(points), sum(p[1] for p in points) / len(points))
+    for i, label in enumerate(side_labels or []):
+        if label is None:
+            continue
+        (x0, y0), (x1, y1) = points[i], points[(i + 1) % len(points)]
+        mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+        # outwards from the shape's centre, so the label sits outside the side it names
+        dx, dy = mx - middle[0], my - middle[1]
+        norm = math.hypot(dx, dy) or 1.0
+        _label(draw, font, (mx + dx / norm * size * 0.07, my + dy / norm * size * 0.07), label)
+    for i, label in corner_labels or []:
+        x, y = points[i]
+        _label(draw, font, (x + (middle[0] - x) * 0.4, y + (middle[1] - y) * 0.4), label)
+    if right_angle:
+        x, y = points[0]
+        mark = size * 0.05
+        draw.line([(x + mark, y), (x + mark, y - mark), (x, y - mark)], fill="black", width=1)
+    if altitude is not None:
+        apex_x, height, label = altitude
+        top, foot = to_pixels(apex_x, height), to_pixels(apex_x, 0.0)
+        steps = 12
+        for k in range(0, steps, 2):  # dashed
+            t0, t1 = k / steps, (k + 1) / steps
+            draw.line([(top[0], top[1] + (foot[1] - top[1]) * t0), (top[0], top[1] + (foot[1] - top[1]) * t1)],
+                      fill="gray", width=2)
+        _label(draw, font, (top[0] - size * 0.07, (top[1] + foot[1]) / 2), label)
+
+
+def _label(draw, font, center: tuple[float, float], text: str) -> None:
+    draw.text(center, text, fill="blue", font=font, anchor="mm")
+
+
+def geometry(
+    split: str,
+    num_samples: int = 1000,
+    problems: list[str] = list(GEOMETRY_PROBLEMS),  # noqa: B006 (jsonargparse shows the default)
+    image_size: int = 224,
+    seed: int = 0,
+) -> list[dict]:
+    """Figures with exact answers, in the Geometry3K schema: ``{"problem": "<image>Find x.", "answer": "70",
+    "images": [PNG bytes], "kind": "angle"}``. The numbers are only in the figure, so the task needs the image.
+
+    Kinds (``problems``): ``angle`` (the third angle of a triangle), ``hypotenuse`` and ``leg`` (Pythagorean
+    triples), ``rectangle_area``, ``triangle_area`` (base and dashed height). 924 distinct figures; each is
+    assigned to a split by :func:`split_of` of its parameters. A row draws a kind uniformly, then a figure of
+    that kind from the split's share (with replacement). Images are kept as PNG bytes (a few kB each).
+
+    Raises:
+        ValueError: an option is out of range, an unknown kind, or ``split`` is not a split.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"builtin:geometry has no split {split!r}; choose one of {list(SPLITS)}")
+    if num_samples < 1:
+        raise ValueError(f"builtin:geometry option num_samples must be >= 1, got {num_samples}")
+    if image_size < 64:
+        raise ValueError(f"builtin:geometry option image_size must be >= 64 pixels, got {image_size}")
+    if not problems:
+        raise ValueError(f"builtin:geometry option problems must name at least one of {list(GEOMETRY_PROBLEMS)}")
+    # kinds are drawn uniformly, then a figure of that kind: the small kinds (21 triangles) are not drowned out
+    space = {k: [p for p in geometry_problems(k) if split_of(f"geometry/{k}/{p}") == split] for k in problems}
+    kinds = [kind for kind in problems if space[kind]]
+    rng = random.Random(f"geometry/{split}/{seed}")
+    rows, figures = [], {}
+    for kind in (rng.choice(kinds) for _ in range(num_samples)):
+        params = rng.choice(space[kind])
+        if (kind, params) not in figures:
+            buffer = io.BytesIO()
+            draw_geometry(kind, params, image_size).save(buffer, format="PNG")
+            figures[kind, params] = buffer.getvalue()
+        rows.append({"problem": GEOMETRY_QUESTIONS[kind], "answer": geometry_answer(kind, params),
+                     "images": [figures[kind, params]], "kind": kind})
+    return rows
+
+
+TASKS: dict[str, Callable[..., list[dict]]] = {"arithmetic": arithmetic, "geometry": geometry}

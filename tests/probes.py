@@ -1,4 +1,4 @@
-"""Helpers that the multi-process FSDP test names in its recipe (importable through PYTHONPATH=tests).
+"""Helpers that the setup tests name in their recipes (importable with tests/ on PYTHONPATH).
 
 ``ShardProbe`` writes what each rank saw to ``<out>/rank<k>.json``: the rank-local and global shapes of the
 sharded parameters, and per step the responses' lengths, the prompt row of every response and whether the
