@@ -1,4 +1,13 @@
-from relax_pl.cli import main
+"""``python -m relax_pl <fit|validate|test> --config ...`` (LightningCLI) and ``python -m relax_pl export ...``."""
+
+import sys
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["export"]:
+        from relax_pl.export import main as export_main
+
+        export_main(sys.argv[2:])
+    else:
+        from relax_pl.cli import main
+
+        main()

@@ -1,6 +1,6 @@
 """Export a training checkpoint as Hugging Face folders.
 
-    python -m relax_pl.export --config recipes/quickstart_qlora.yaml \\
+    python -m relax_pl export --config recipes/quickstart_qlora.yaml \\
         --ckpt_path runs/quickstart_qlora/checkpoints/last.ckpt --out exported/quickstart_qlora
 
 The recipe's ``model:`` section says which base model and which setup wrote the checkpoint. Writes:
@@ -126,7 +126,7 @@ def export(config: str | Path, ckpt_path: str | Path, out: str | Path, dtype: st
 
 def main(args: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(
-        prog="python -m relax_pl.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m relax_pl export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="the recipe the checkpoint was trained with")
     parser.add_argument("--ckpt_path", required=True, help="a .ckpt file or a sharded checkpoint folder")

@@ -25,7 +25,7 @@ from relax_pl import objectives as obj
 from relax_pl.extension import LossTerms, PolicyForward, rlvr_callbacks
 from relax_pl.models import EMBEDDED_MODEL, final_norm, load_tokenizer
 from relax_pl.rewards import BoundedScorer, MathReward, VerifiableReward
-from relax_pl.rollout import RolloutBatch, SamplingConfig, generate
+from relax_pl.rollout import CACHE_ARG, RolloutBatch, SamplingConfig, generate, shared_prefix_cache
 from relax_pl.setups import Setup, SingleDevice
 from relax_pl.vision import VisionConfig, image_token_count, is_vision_language, load_processor
 
@@ -287,7 +287,11 @@ class RLVRModule(L.LightningModule):
         self, model: nn.Module, rollout: RolloutBatch, rows: Tensor, keep_hidden: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Log-probs ``(B, T)``, entropy ``(B, T)``, response mask and (optionally) the final-norm hidden
-        states ``(B, T, d)`` at the response positions of ``rows``, trimmed to the longest response."""
+        states ``(B, T, d)`` at the response positions of ``rows``, trimmed to the longest response.
+
+        When :meth:`shares_prompt_prefix`, each distinct prompt among ``rows`` is encoded once (all but its
+        last token) and the forward runs over the rest: same result, without repeating the prompt's forward
+        and backward for each of its responses."""
         response_mask = rollout.response_mask[rows]
         length = int(response_mask.sum(-1).max())
         prompt = rollout.prompt_length
@@ -297,25 +301,45 @@ class RLVRModule(L.LightningModule):
         # numbered as generate() numbers left-padded rows; with images Qwen-VL derives its 3-D (time, height,
         # width) rotary positions from mm_token_type_ids and the image grids itself, as generate() did
         position_ids = None if "image_grid_thw" in extra else (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        start = 0  # the first position the forward below runs over
+        if self.shares_prompt_prefix(rollout, extra):
+            start = prompt - 1
+            prompts, inverse = torch.unique(rollout.prompt_index[rows], return_inverse=True)
+            first = torch.full_like(prompts, len(rows)).scatter_reduce_(
+                0, inverse, torch.arange(len(rows), device=inverse.device), "amin"
+            )
+            extra[CACHE_ARG] = shared_prefix_cache(model, input_ids[first, :start], attention_mask[first, :start], inverse)
+            position_ids = position_ids[:, start:]
         with capture_output(final_norm(model)) as captured:
             model(
-                input_ids=input_ids,
+                input_ids=input_ids[:, start:],
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                use_cache=False,
+                use_cache=start > 0,
                 logits_to_keep=1,  # the full-vocabulary logits are computed below, in chunks
                 **extra,
             )
-        hidden = captured[0]
+        hidden = captured[0]  # positions start .. prompt + length - 1
         head = model.get_output_embeddings()
         logp, entropy = obj.token_logprobs_and_entropy(
-            hidden[:, prompt - 1 : -1],
+            hidden[:, prompt - start - 1 : -1],
             input_ids[:, prompt:],
             head,
             temperature=self.sampling.temperature or 1.0,
             chunk_size=self.update.logprob_chunk_size,
         )
-        return logp, entropy, response_mask[:, :length], hidden[:, prompt:] if keep_hidden else None
+        return logp, entropy, response_mask[:, :length], hidden[:, prompt - start :] if keep_hidden else None
+
+    def shares_prompt_prefix(self, rollout: RolloutBatch, extra: dict[str, Tensor]) -> bool:
+        """Whether :meth:`policy_forward` encodes each prompt once for all its responses. Not with images (their
+        rotary positions span the whole sequence), under gradient checkpointing (HF then drops the cache) nor
+        on a sharded model (FSDP expects one forward per backward)."""
+        return (
+            rollout.prompt_length > 1
+            and not extra
+            and not self.model_setup.gradient_checkpointing
+            and self.device_mesh is None
+        )
 
     @torch.no_grad()
     def sequence_logprobs(self, model: nn.Module, rollout: RolloutBatch) -> Tensor:
@@ -552,6 +576,9 @@ class RLVRModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(states["cuda"])
             np.random.set_state(numpy_state_from_tensors(states["numpy"]))
             random.setstate(states["python"])
+        elif self.trainer.world_size > 1:
+            # seed_everything seeds every rank alike: ranks would sample their responses with the same random draws
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
 
 
 def correctness(components: dict[str, Tensor]) -> Tensor:

@@ -2,16 +2,20 @@
 
 One ``generate`` call per step samples ``num_responses`` responses for every prompt. Ranks that shard the
 model (FSDP) must run the same number of decoding steps, so ``synced=True`` keeps them in lockstep.
+
+The responses of a prompt share its prefix: :func:`shared_prefix_cache` encodes each prompt once and repeats its
+key/value cache for every response, both before decoding and in the training forward.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig, LlamaModel
 
 from relax_pl.vision import gather_by_prompt, split_by_prompt, vision_token_ids
 
@@ -29,6 +33,10 @@ class SamplingConfig:
     # "error": a longer prompt fails with a message naming its row; "skip": such rows are left out of the data
     # when the run starts (counted and named in a warning), so every batch stays full and ranks stay in step
     on_long_prompt: Literal["skip", "error"] = "error"
+    # "dynamic": HF generate with a growing cache, each prompt encoded once for all its responses (best on the
+    # CPU and for large batches); "static": a preallocated cache whose decoding step HF compiles with
+    # torch.compile on a GPU (faster for moderate batches; the first step pays the compilation). Same sampling.
+    backend: Literal["dynamic", "static"] = "dynamic"
 
     def __post_init__(self) -> None:
         if self.num_responses < 1 or self.max_new_tokens < 1:
@@ -138,6 +146,7 @@ def generation_config(
         repetition_penalty=1.0,
         suppress_tokens=suppress_ids or None,
         use_cache=True,
+        cache_implementation="static" if sampling.backend == "static" else None,
     )
 
 
@@ -150,6 +159,28 @@ def response_mask_from_tokens(responses: Tensor, eos_token_id: int | list[int]) 
     is_eos = torch.isin(responses, eos_ids)
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
     return ~after_eos
+
+
+# transformers 5.x renamed the forward's and generate's `past_key_values` argument to `cache` (the old name warns)
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def shared_prefix_cache(model, input_ids: Tensor, attention_mask: Tensor, rows: Tensor) -> DynamicCache:
+    """``model``'s key/value cache over the distinct left-padded prefixes ``input_ids`` ``(B, L)``, each encoded
+    once, then repeated so that row ``i`` of the cache holds prefix ``rows[i]`` (``rows``: ``(N,)`` indices).
+
+    Exact: in a causal model a prefix's keys and values do not depend on what follows it, so the responses of a
+    prompt can all continue from one encoding of it. Indexing is differentiable, so under grad the prefix's
+    backward also runs once, with the gradients of all its responses summed.
+    """
+    cache = DynamicCache(config=model.config)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+    model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+        logits_to_keep=1, **{CACHE_ARG: cache},
+    )
+    cache.batch_select_indices(rows)
+    return cache
 
 
 @torch.no_grad()
@@ -195,6 +226,11 @@ def generate(
     was_training = model.training
     model.eval()
     try:
+        # the dynamic backend encodes each prompt once (all but its last token, from which generate() decodes);
+        # not with images (their rotary positions span the whole sequence) nor on sharded ranks (one forward each)
+        if sampling.backend == "dynamic" and group_size > 1 and input_ids.shape[1] > 1 and not extra and not synced:
+            prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+            extra[CACHE_ARG] = shared_prefix_cache(model, prompt_ids[:, :-1], prompt_mask[:, :-1], prompt_index)
         sequences = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced, **extra
         )

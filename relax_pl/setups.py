@@ -103,7 +103,7 @@ class QLoRA(Setup):
     """A frozen 4-bit base (bitsandbytes NF4, double quantisation) with a trainable LoRA adapter, on one device.
 
     The reference policy is the policy with its adapter disabled, so no second copy is held. Checkpoints hold
-    the adapter and the optimiser state only; ``python -m relax_pl.export`` writes the adapter folder and a merged
+    the adapter and the optimiser state only; ``python -m relax_pl export`` writes the adapter folder and a merged
     bf16 Hugging Face folder.
 
     Args:

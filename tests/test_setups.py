@@ -155,9 +155,8 @@ def test_qlora_checkpoint_holds_adapter_and_optimizer_only(qlora_run):
 
 def test_qlora_resume_is_exact(tmp_path, tiny_model, qlora_run):
     straight_folder, _, _ = qlora_run
-    recipe = write_recipe(tmp_path, tiny_model, qlora_setup(), max_steps=1)
-    main(["fit", "--config", str(recipe)])
-    main(["fit", "--config", str(recipe), "--trainer.max_steps", "2", "--ckpt_path", "last"])
+    recipe = write_recipe(tmp_path, tiny_model, qlora_setup(), max_steps=2)
+    main(["fit", "--config", str(recipe), "--ckpt_path", str(straight_folder / "checkpoints" / "epoch=0-step=1.ckpt")])
     a = torch.load(straight_folder / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert a["global_step"] == b["global_step"] == 2
@@ -209,8 +208,15 @@ def test_impossible_combinations_fail_early(tmp_path, tiny_model, capsys):
     with pytest.raises(ValueError, match=r"trainer.devices='?2'? conflicts with model.setup \(QLoRA uses 1\)"):
         main(["fit", "--config", str(recipe), "--trainer.devices", "2"])
     recipe = write_recipe(tmp_path / "f", tiny_model, {"class_path": "relax_pl.setups.FSDP"})
-    with pytest.raises(ValueError, match="FSDP on one CPU process shards nothing"):
-        main(["fit", "--config", str(recipe), "--trainer.devices", "1"])
+    environ = dict(os.environ)
+    try:
+        with pytest.raises(ValueError, match="FSDP on one CPU process shards nothing"):
+            main(["fit", "--config", str(recipe), "--trainer.devices", "1"])
+    finally:  # the strategy set MASTER_PORT and holds a process group: neither may leak into later tests
+        os.environ.clear()
+        os.environ.update(environ)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     assert isinstance(SingleDevice().trainer_overrides()["devices"], int)
     assert FSDP().trainer_overrides()["strategy"].__class__.__name__ == "ShardedDataParallel"
 
@@ -233,7 +239,9 @@ def fsdp_fit(folder: Path, model: Path, max_steps: int, ckpt_path: str | None = 
                "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     if ckpt_path is not None:
         command += ["--ckpt_path", ckpt_path]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run(command, env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-5000:]
     return recipe

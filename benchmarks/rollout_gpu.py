@@ -1,0 +1,86 @@
+"""Rollout speed of the two generation backends (``model.sampling.backend``) on a GPU.
+
+    python benchmarks/rollout_gpu.py            # Qwen2.5-1.5B-shaped random model, bf16, 128 sequences x 512 new tokens
+    python benchmarks/rollout_gpu.py --tiny     # a tiny random Qwen2 on the CPU, 8 x 16 (checks the script)
+
+Both backends sample the same way (temperature 1.0, no top-k/top-p) through ``relax_pl.rollout.generate``:
+``dynamic`` is HF ``generate`` with a growing cache and each prompt encoded once for its responses; ``static`` a
+preallocated cache whose decoding step HF compiles (torch.compile, CUDA graphs) on a GPU; on the CPU it is not
+compiled. Each backend generates the same batch twice: the first call pays the compilation, the second is
+the steady state. tokens/s counts generated tokens (up to each response's end) over the whole call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import torch
+from transformers import Qwen2ForCausalLM
+
+from relax_pl.data.tasks import arithmetic
+from relax_pl.models import tiny_model_config
+from relax_pl.rollout import SamplingConfig, generate
+from relax_pl.testing import build_test_tokenizer
+
+# Qwen2.5-1.5B's shape (weights random: speed does not depend on them)
+QWEN25_15B = dict(
+    vocab_size=151936, hidden_size=1536, layers=28, heads=12, kv_heads=2, intermediate=8960,
+    max_position_embeddings=32768, tie_word_embeddings=True,
+)
+TINY = dict(vocab_size=512, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+
+
+def build(tiny: bool) -> tuple[torch.nn.Module, torch.device]:
+    device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    config = tiny_model_config("qwen2", **(TINY if tiny else QWEN25_15B))
+    torch.manual_seed(0)
+    with device:
+        model = Qwen2ForCausalLM(config).to(torch.float32 if tiny else torch.bfloat16)
+    model.generation_config.eos_token_id = None  # random weights: only the test tokenizer's EOS stops a row
+    return model.eval(), device
+
+
+def timed(model, tokenizer, prompts: list[str], sampling: SamplingConfig, device: torch.device) -> tuple[float, int]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    rollout = generate(model, tokenizer, prompts, [{} for _ in prompts], sampling)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, int(rollout.response_mask.sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, 8 sequences x 16 tokens")
+    parser.add_argument("--prompts", type=int, default=None, help="distinct prompts (default 16; --tiny 2)")
+    parser.add_argument("--responses", type=int, default=8, help="responses per prompt")
+    parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per response (default 512; --tiny 16)")
+    args = parser.parse_args()
+    num_prompts = args.prompts or (2 if args.tiny else 16)
+    new_tokens = args.new_tokens or (16 if args.tiny else 512)
+
+    model, device = build(args.tiny)
+    tokenizer = build_test_tokenizer()
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": row["problem"]}], add_generation_prompt=True, tokenize=False)
+        for row in arithmetic("train", num_prompts, digits=3)
+    ]
+    sampling = SamplingConfig(num_responses=args.responses, max_new_tokens=new_tokens, temperature=1.0, top_k=0)
+    rows = [f"{num_prompts * args.responses} sequences x {new_tokens} new tokens, {device.type}, "
+            f"{next(model.parameters()).dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters",
+            "| backend | first call (s) | tokens/s (first) | second call (s) | tokens/s (second) |",
+            "|---|---|---|---|---|"]
+    for backend in ("dynamic", "static"):
+        config = replace(sampling, backend=backend)
+        first, first_tokens = timed(model, tokenizer, prompts, config, device)
+        second, tokens = timed(model, tokenizer, prompts, config, device)
+        rows.append(f"| {backend} | {first:.1f} | {first_tokens / first:,.0f} | {second:.1f} | {tokens / second:,.0f} |")
+        print(rows[-1], flush=True)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

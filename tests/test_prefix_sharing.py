@@ -1,0 +1,102 @@
+"""Speed paths that must not change results: each prompt encoded once for all its responses (before decoding
+and in the training forward), and the static-cache generation backend."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from relax_pl import module as module_lib
+from relax_pl import rollout as rollout_lib
+from relax_pl.models import load_causal_lm, load_tokenizer
+from relax_pl.module import RLVRModule
+from relax_pl.rollout import SamplingConfig, generate
+from relax_pl.setups import SingleDevice
+from relax_pl.testing import save_tiny_model
+
+# different lengths, so rows are left-padded differently
+QUESTIONS = ["What is 3 + 5?", "Compute 7 * 2 - 2, step by step, and put the answer in \\boxed{}.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2"))
+    model = load_causal_lm(folder)
+    # wider weights than the init's: the tiny model's greedy tokens then depend on the prompt
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.15)
+    return model, load_tokenizer(folder)
+
+
+def prompts_of(tokenizer) -> tuple[list[str], list[dict]]:
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    return prompts, [{"row": i, "source": "test"} for i in range(len(prompts))]
+
+
+def counting(monkeypatch, namespace) -> list[int]:
+    calls: list[int] = []
+    original = rollout_lib.shared_prefix_cache
+
+    def spy(model, input_ids, *args):
+        calls.append(input_ids.shape[0])
+        return original(model, input_ids, *args)
+
+    monkeypatch.setattr(namespace, "shared_prefix_cache", spy)
+    return calls
+
+
+def test_shared_prefill_and_static_backend_decode_the_same_greedy_tokens(tiny, monkeypatch):
+    model, tokenizer = tiny
+    prompts, samples = prompts_of(tokenizer)
+    sampling = SamplingConfig(num_responses=3, max_new_tokens=12)
+    calls = counting(monkeypatch, rollout_lib)
+    shared = generate(model, tokenizer, prompts, samples, sampling, greedy=True)
+    assert calls == [3]  # three distinct prompts encoded once, for nine responses
+    # every copy as a prompt of its own: nothing is shared
+    plain = generate(
+        model, tokenizer, [p for p in prompts for _ in range(3)], [s for s in samples for _ in range(3)], sampling,
+        greedy=True, num_responses=1,
+    )
+    static = generate(model, tokenizer, prompts, samples, replace(sampling, backend="static"), greedy=True)
+    assert calls == [3]
+    responses = shared.responses[::3]
+    assert shared.response_mask.sum(-1).min() >= 2  # real responses, not an immediate stop
+    assert not torch.equal(responses[0], responses[1]) and not torch.equal(responses[1], responses[2])
+    assert torch.equal(shared.input_ids, plain.input_ids)
+    assert torch.equal(shared.response_mask, plain.response_mask)
+    assert torch.equal(static.input_ids, plain.input_ids)
+
+
+def test_shared_prefix_forward_matches_the_full_forward(tiny, monkeypatch):
+    model, tokenizer = tiny
+    prompts, samples = prompts_of(tokenizer)
+    sampling = SamplingConfig(num_responses=3, max_new_tokens=12, temperature=0.9)
+    torch.manual_seed(0)
+    rollout = generate(model, tokenizer, prompts, samples, sampling)
+    module = RLVRModule(setup=SingleDevice(), sampling=sampling)
+    rows = torch.tensor([4, 0, 5, 1, 8])  # parts of three groups, out of order
+    calls = counting(monkeypatch, module_lib)
+
+    def forward_and_grads():
+        model.zero_grad(set_to_none=True)
+        logp, entropy, mask, hidden = module.policy_forward(model, rollout, rows, keep_hidden=True)
+        ((logp * mask).sum() + (entropy * mask).sum() + hidden.square().mean()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        return logp.detach(), entropy.detach(), mask, hidden.detach(), grads
+
+    shared = forward_and_grads()
+    assert calls == [3]
+    monkeypatch.setattr(module, "shares_prompt_prefix", lambda *args: False)
+    full = forward_and_grads()
+    assert calls == [3]
+    for a, b in zip(shared[:4], full[:4]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for name, grad in full[4].items():
+        torch.testing.assert_close(shared[4][name], grad, rtol=1e-4, atol=1e-6, msg=name)
