@@ -1,6 +1,7 @@
 """Cost of the ReLaX DSD term next to the policy update it rides on, and of the one-time dictionary fit.
 
     python benchmarks/dsd_overhead.py                                   # SmolLM2-135M, CPU, 8 x 256 tokens
+    python benchmarks/dsd_overhead.py --threads 1                       # a CPU shared with other jobs
     python benchmarks/dsd_overhead.py --model qwen2.5-1.5b-shape --tokens 16x2048 --device cuda
 
 On one micro-batch of responses, each repeat times, side by side:
@@ -12,7 +13,9 @@ On one micro-batch of responses, each repeat times, side by side:
 
 then fits the dictionary on ``--fit-trajectories`` responses of the same length (paper: 64 trajectories).
 Tokens are random (the timing does not depend on the text); ``qwen2.5-1.5b-shape`` is a random model with
-Qwen2.5-1.5B's shape, with gradient checkpointing on CUDA.
+Qwen2.5-1.5B's shape, with gradient checkpointing on CUDA. On a CPU that other processes also load, give
+``--threads 1``: two OpenMP threads contending for cores slow the many small m x m operations of DSD and the
+fit about 50-fold (measured: DSD 0.97 s instead of 0.018 s, fit 153 s instead of 9 s), the policy about 2-fold.
 """
 
 from __future__ import annotations
