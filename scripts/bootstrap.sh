@@ -17,10 +17,14 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
         pip install "torch==$TORCH_VERSION"
-    # A local wheel (pip's find-links) is preferred; otherwise PyTorch's CPU-only index.
-    elif ! pip install --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
+    # A CPU wheel already on this machine (pip's find-links) wins: pip then ranks 2.13.0+cpu above PyPI's
+    # CUDA 2.13.0. Otherwise PyTorch's CPU-only index.
+    elif pip install --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+        pip install "torch==$TORCH_VERSION"  # its dependencies
+    else
         pip install "torch==$TORCH_VERSION" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
     fi
+    "$VENV/bin/python" -c "import torch; assert torch.version.cuda is None or torch.cuda.is_available(), torch.__version__"
 fi
 pip install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import relax_pl, lightning, transformers" # fail here if the install above did not work
