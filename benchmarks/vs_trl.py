@@ -312,7 +312,9 @@ def alternate(workers: list[Worker], steps: int) -> None:
         for worker in workers[shift:] + workers[:shift]:
             worker.conn.send("go")
             worker.steps.append(receive(worker))
-            print(f"step {step + 1} {worker.name}: {worker.steps[-1]['step_s']:.1f} s", flush=True)
+            r = worker.steps[-1]
+            print(f"step {step + 1} {worker.name}: {r['step_s']:.1f} s (generation {r['gen_s']:.1f} s, "
+                  f"update {r['update_s']:.1f} s)", flush=True)
     for worker in workers:
         worker.process.join()
 
