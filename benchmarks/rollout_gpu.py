@@ -64,10 +64,8 @@ def main() -> None:
 
     model, device = build(args.tiny)
     tokenizer = build_test_tokenizer()
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": row["problem"]}], add_generation_prompt=True, tokenize=False)
-        for row in arithmetic("train", num_prompts, digits=3)
-    ]
+    chats = [[{"role": "user", "content": row["problem"]}] for row in arithmetic("train", num_prompts, digits=3)]
+    prompts = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
     sampling = SamplingConfig(num_responses=args.responses, max_new_tokens=new_tokens, temperature=1.0, top_k=0)
     rows = [f"{num_prompts * args.responses} sequences x {new_tokens} new tokens, {device.type}, "
             f"{next(model.parameters()).dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters",
@@ -77,7 +75,8 @@ def main() -> None:
         config = replace(sampling, backend=backend)
         first, first_tokens = timed(model, tokenizer, prompts, config, device)
         second, tokens = timed(model, tokenizer, prompts, config, device)
-        rows.append(f"| {backend} | {first:.1f} | {first_tokens / first:,.0f} | {second:.1f} | {tokens / second:,.0f} |")
+        speeds = f"{first_tokens / first:,.0f} | {second:.1f} | {tokens / second:,.0f}"
+        rows.append(f"| {backend} | {first:.1f} | {speeds} |")
         print(rows[-1], flush=True)
     print("\n".join(rows))
 

@@ -1,6 +1,6 @@
 """relax_pl against Hugging Face TRL's GRPOTrainer at equal settings, one optimiser step of each in turn.
 
-    python benchmarks/vs_trl.py              # SmolLM2-135M-Instruct, recipes/quickstart.yaml settings (~6 min on 2 cores)
+    python benchmarks/vs_trl.py              # SmolLM2-135M-Instruct with recipes/quickstart.yaml's settings
     python benchmarks/vs_trl.py --fast       # a tiny random Qwen2 instead (seconds; checks the harness)
     python benchmarks/vs_trl.py --steps 6 --threads 2 --no-relax-row
 
@@ -180,7 +180,7 @@ def run_trl(conn, cli_args: list[str], threads: int) -> None:
 
     rollout_size = data.batch_size * sampling.num_responses
     if rollout_size % update.micro_batch_size:
-        raise ValueError(f"{rollout_size} responses per step do not split into micro-batches of {update.micro_batch_size}")
+        raise ValueError(f"{rollout_size} responses a step do not fill micro-batches of {update.micro_batch_size}")
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
             output_dir=out,

@@ -308,7 +308,9 @@ class RLVRModule(L.LightningModule):
             first = torch.full_like(prompts, len(rows)).scatter_reduce_(
                 0, inverse, torch.arange(len(rows), device=inverse.device), "amin"
             )
-            extra[CACHE_ARG] = shared_prefix_cache(model, input_ids[first, :start], attention_mask[first, :start], inverse)
+            extra[CACHE_ARG] = shared_prefix_cache(
+                model, input_ids[first, :start], attention_mask[first, :start], inverse
+            )
             position_ids = position_ids[:, start:]
         with capture_output(final_norm(model)) as captured:
             model(
