@@ -1,7 +1,7 @@
 """Rollout speed of the two generation backends (``model.sampling.backend``) on a GPU.
 
     python benchmarks/rollout_gpu.py            # Qwen2.5-1.5B-shaped random model, bf16, 128 sequences x 512 new tokens
-    python benchmarks/rollout_gpu.py --tiny     # a tiny random Qwen2 on the CPU, 8 x 16 (checks the script)
+    python benchmarks/rollout_gpu.py --tiny     # a tiny random Qwen2 on the CPU, 16 x 16 (checks the script)
 
 Both backends sample the same way (temperature 1.0, no top-k/top-p) through ``relax_pl.rollout.generate``:
 ``dynamic`` is HF ``generate`` with a growing cache and each prompt encoded once for its responses; ``static`` a
@@ -54,7 +54,7 @@ def timed(model, tokenizer, prompts: list[str], sampling: SamplingConfig, device
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, 8 sequences x 16 tokens")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, 16 sequences x 16 tokens")
     parser.add_argument("--prompts", type=int, default=None, help="distinct prompts (default 16; --tiny 2)")
     parser.add_argument("--responses", type=int, default=8, help="responses per prompt")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per response (default 512; --tiny 16)")
@@ -67,18 +67,15 @@ def main() -> None:
     chats = [[{"role": "user", "content": row["problem"]}] for row in arithmetic("train", num_prompts, digits=3)]
     prompts = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
     sampling = SamplingConfig(num_responses=args.responses, max_new_tokens=new_tokens, temperature=1.0, top_k=0)
-    rows = [f"{num_prompts * args.responses} sequences x {new_tokens} new tokens, {device.type}, "
-            f"{next(model.parameters()).dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters",
-            "| backend | first call (s) | tokens/s (first) | second call (s) | tokens/s (second) |",
-            "|---|---|---|---|---|"]
+    print(f"{num_prompts} prompts x {args.responses} responses x {new_tokens} new tokens, {device.type}, "
+          f"{next(model.parameters()).dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    print("| backend | first call (s) | tokens/s (first) | second call (s) | tokens/s (second) |\n|---|---|---|---|---|")
     for backend in ("dynamic", "static"):
         config = replace(sampling, backend=backend)
         first, first_tokens = timed(model, tokenizer, prompts, config, device)
         second, tokens = timed(model, tokenizer, prompts, config, device)
-        speeds = f"{first_tokens / first:,.0f} | {second:.1f} | {tokens / second:,.0f}"
-        rows.append(f"| {backend} | {first:.1f} | {speeds} |")
-        print(rows[-1], flush=True)
-    print("\n".join(rows))
+        speeds = f"{first_tokens / first:,.0f} | {second:.2f} | {tokens / second:,.0f}"
+        print(f"| {backend} | {first:.2f} | {speeds} |", flush=True)
 
 
 if __name__ == "__main__":

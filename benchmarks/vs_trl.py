@@ -1,6 +1,6 @@
 """relax_pl against Hugging Face TRL's GRPOTrainer at equal settings, one optimiser step of each in turn.
 
-    python benchmarks/vs_trl.py              # SmolLM2-135M-Instruct with recipes/quickstart.yaml's settings
+    python benchmarks/vs_trl.py              # SmolLM2-135M-Instruct, recipes/quickstart.yaml (~8 min, 2 cores)
     python benchmarks/vs_trl.py --fast       # a tiny random Qwen2 instead (seconds; checks the harness)
     python benchmarks/vs_trl.py --steps 6 --threads 2 --no-relax-row
 
@@ -17,8 +17,9 @@ checkpointing and thread count.
 Each framework runs in its own process, so the peak resident memory is its own; the peak is reset when its first
 step starts (``/proc/self/clear_refs``), so it measures training, not model loading (the same loader on both
 sides). The parent releases one optimiser step at a time, rotating the order every step (relax_pl, TRL, ReLaX;
-then TRL, ReLaX, relax_pl; ...), so every framework sees the same machine load; the others wait, idle. A step's
-time runs from its start to the next step's start (everything each framework does per step, logging included).
+then TRL, ReLaX, relax_pl; ...), so every framework sees the same machine load; the others wait, idle, and none
+exits before all are done. A step's time runs from its start to the next step's start (everything each framework
+does per step, logging included).
 The first step (allocator warm-up, the reward worker's start, the ReLaX dictionary fit) is shown apart; the
 medians are over the other steps.
 """
@@ -77,6 +78,7 @@ class Gate:
 
     def training_ends(self) -> None:
         self.report()
+        self.conn.recv()  # exit only once every framework is done: a process tearing down would slow another's step
         self.conn.close()
 
     def report(self) -> None:
@@ -122,6 +124,7 @@ def run_trl(conn, cli_args: list[str], threads: int) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from relax_pl.models import load_causal_lm, load_tokenizer
+    from relax_pl.module import reward_fields
     from relax_pl.rewards import BoundedScorer
     from relax_pl.rollout import stop_token_ids
 
@@ -144,7 +147,7 @@ def run_trl(conn, cli_args: list[str], threads: int) -> None:
 
     steps = trainer_config["max_steps"]
     data.setup("fit")
-    samples = [data.train_data[i] for i in range(steps * data.batch_size)]
+    samples = [reward_fields(data.train_data[i]) for i in range(steps * data.batch_size)]
     dataset = Dataset.from_list([{"prompt": s["messages"], "index": i} for i, s in enumerate(samples)])
     scorer = BoundedScorer(module.reward)
 
@@ -272,11 +275,12 @@ def recipe_args(config: str, pretrained: str | None, steps: int, out: str, callb
     return args + ([f"--model.pretrained={pretrained}"] if pretrained else [])
 
 
-def settings_lines(cli_args: list[str], threads: int, steps: int) -> list[str]:
+def settings(cli_args: list[str], threads: int, steps: int) -> tuple[list[str], int]:
+    """The configuration's description, and the responses per step."""
     cli = main(cli_args, run=False)
     m, d = cli.model, cli.datamodule
     s, o, u, opt = m.sampling, m.objective, m.update, m.optimizer_config
-    return [
+    lines = [
         f"model {m.pretrained}; {m.model_setup.dtype}; gradient checkpointing {m.model_setup.gradient_checkpointing}; "
         f"{threads} threads; {steps} optimiser steps each (first shown apart)",
         f"{d.batch_size} prompts x {s.num_responses} completions per step, at most {s.max_new_tokens} new tokens, "
@@ -285,6 +289,7 @@ def settings_lines(cli_args: list[str], threads: int, steps: int) -> list[str]:
         f"clip ({o.clip_low}, {o.clip_high}), KL weight {o.kl_coef}, loss {o.loss_agg} (TRL 'dapo'), "
         f"reward {type(m.reward).__name__}",
     ]
+    return lines, d.batch_size * s.num_responses
 
 
 def start(name: str, cli_args: list[str], threads: int) -> Worker:
@@ -316,6 +321,8 @@ def alternate(workers: list[Worker], steps: int) -> None:
             print(f"step {step + 1} {worker.name}: {r['step_s']:.1f} s (generation {r['gen_s']:.1f} s, "
                   f"update {r['update_s']:.1f} s)", flush=True)
     for worker in workers:
+        worker.conn.send("exit")
+    for worker in workers:
         worker.process.join()
 
 
@@ -335,10 +342,10 @@ def summary(steps: list[dict[str, float]]) -> dict[str, float]:
 
 def table(results: dict[str, dict[str, float]], responses: int) -> str:
     columns = [
-        ("median step (s)", "step_s", "{:.1f}"),
-        ("first step (s)", "first_s", "{:.1f}"),
+        ("median step (s)", "step_s", "{:.3g}"),
+        ("first step (s)", "first_s", "{:.3g}"),
         ("gen tokens/s", "gen_tok_s", "{:.0f}"),
-        ("update (s)", "update_s", "{:.1f}"),
+        ("update (s)", "update_s", "{:.3g}"),
         ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
         ("mean length", "length", "{:.1f}"),
         ("mean reward", "reward", "{:.3f}"),
@@ -367,11 +374,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def run(args: argparse.Namespace) -> None:
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit('TRL is not installed; install the bench extra: pip install -e ".[bench]"') from None
     if args.steps < 2:
         raise SystemExit("--steps must be >= 2: the first step is shown apart from the medians")
-    mp.set_start_method("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         pretrained = None
         if args.fast:
@@ -389,7 +398,7 @@ if __name__ == "__main__":
             )
             for name in names
         }
-        settings = settings_lines(cli_args["relax_pl"], args.threads, args.steps)
+        description, responses = settings(cli_args["relax_pl"], args.threads, args.steps)
         workers = [start(name, cli_args[name], args.threads) for name in names]
         try:
             alternate(workers, args.steps)
@@ -398,12 +407,14 @@ if __name__ == "__main__":
                 if worker.process.is_alive():
                     worker.process.kill()
         results = {w.name: summary(w.steps) for w in workers}
-    import trl
-
     print(f"\nrelax_pl vs TRL {trl.__version__} ({args.config}{', --fast' if args.fast else ''})")
-    print("\n".join(settings))
+    print("\n".join(description))
     if why_not is not None:
         print(f"ReLaX row: {why_not}")
     print()
-    responses = main(cli_args["relax_pl"], run=False)
-    print(table(results, responses.datamodule.batch_size * responses.model.sampling.num_responses))
+    print(table(results, responses))
+
+
+if __name__ == "__main__":
+    mp.set_start_method("spawn")
+    run(parse_args())

@@ -305,6 +305,7 @@ class RLVRModule(L.LightningModule):
         if self.shares_prompt_prefix(rollout, extra):
             start = prompt - 1
             prompts, inverse = torch.unique(rollout.prompt_index[rows], return_inverse=True)
+            # the first of the rows of each distinct prompt: their prompt tokens are the same
             first = torch.full_like(prompts, len(rows)).scatter_reduce_(
                 0, inverse, torch.arange(len(rows), device=inverse.device), "amin"
             )
@@ -334,12 +335,14 @@ class RLVRModule(L.LightningModule):
 
     def shares_prompt_prefix(self, rollout: RolloutBatch, extra: dict[str, Tensor]) -> bool:
         """Whether :meth:`policy_forward` encodes each prompt once for all its responses. Not with images (their
-        rotary positions span the whole sequence), under gradient checkpointing (HF then drops the cache) nor
-        on a sharded model (FSDP expects one forward per backward)."""
+        rotary positions span the whole sequence), in a gradient-checkpointed forward with grad (HF then drops
+        the cache: the replayed layers would write it twice) nor on a sharded model (FSDP expects one forward
+        per backward)."""
         return (
             rollout.prompt_length > 1
+            and rollout.prompt_index is not None
             and not extra
-            and not self.model_setup.gradient_checkpointing
+            and not (self.model_setup.gradient_checkpointing and torch.is_grad_enabled())
             and self.device_mesh is None
         )
 

@@ -13,7 +13,7 @@ from relax_pl import rollout as rollout_lib
 from relax_pl.models import load_causal_lm, load_tokenizer
 from relax_pl.module import RLVRModule
 from relax_pl.rollout import SamplingConfig, generate
-from relax_pl.setups import SingleDevice
+from relax_pl.setups import SingleDevice, enable_gradient_checkpointing
 from relax_pl.testing import save_tiny_model
 
 # different lengths, so rows are left-padded differently
@@ -100,3 +100,30 @@ def test_shared_prefix_forward_matches_the_full_forward(tiny, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for name, grad in full[4].items():
         torch.testing.assert_close(shared[4][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_shares_the_prefix_only_without_grad(tiny, monkeypatch):
+    model, tokenizer = tiny
+    prompts, samples = prompts_of(tokenizer)
+    sampling = SamplingConfig(num_responses=3, max_new_tokens=12, temperature=0.9)
+    torch.manual_seed(1)
+    rollout = generate(model, tokenizer, prompts, samples, sampling)
+    rows = torch.arange(len(rollout))
+    with torch.no_grad():
+        expected = RLVRModule(setup=SingleDevice(), sampling=sampling).policy_forward(model, rollout, rows)[0]
+    module = RLVRModule(setup=SingleDevice(gradient_checkpointing=True), sampling=sampling)
+    calls = counting(monkeypatch, module_lib)
+    enable_gradient_checkpointing(model)
+    model.train()  # HF checkpoints only in training mode
+    try:
+        # with grad, checkpointed layers would drop a cache: the whole sequence runs through the forward
+        with_grad = module.policy_forward(model, rollout, rows)[0]
+        assert calls == []
+        with torch.no_grad():  # reference and old-policy log-probs: nothing is replayed, the prefix is shared
+            without_grad = module.policy_forward(model, rollout, rows)[0]
+        assert calls == [3]
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(without_grad, expected, rtol=1e-4, atol=1e-5)
