@@ -127,3 +127,19 @@ def test_gradient_checkpointing_shares_the_prefix_only_without_grad(tiny, monkey
         model.eval()
     torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(without_grad, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_backends_draw_the_same_samples_from_the_same_seed(tiny):
+    """Same sampling semantics: temperature, top-k and top-p filter the same distributions, drawn in the same
+    order, so one seed gives the same responses on either backend."""
+    model, tokenizer = tiny
+    prompts, samples = prompts_of(tokenizer)
+    sampling = SamplingConfig(num_responses=4, max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=20)
+    drawn = {}
+    for backend in ("dynamic", "static"):
+        torch.manual_seed(3)
+        drawn[backend] = generate(model, tokenizer, prompts, samples, replace(sampling, backend=backend))
+    responses = drawn["dynamic"].responses
+    assert not all(torch.equal(responses[0], row) for row in responses[1:4])  # sampled, not greedy
+    assert torch.equal(drawn["static"].input_ids, drawn["dynamic"].input_ids)
+    assert torch.equal(drawn["static"].response_mask, drawn["dynamic"].response_mask)
