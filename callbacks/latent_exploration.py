@@ -103,7 +103,7 @@ class LatentExploration(RLVRCallback):
         self._dsd_seconds = 0.0
 
     @property
-    def needs_reference_logprobs(self) -> bool:
+    def needs_reference(self) -> bool:
         return self.kl_coef > 0
 
     @override
@@ -169,9 +169,11 @@ class LatentExploration(RLVRCallback):
         }
         losses = {"relax/xp_loss": self.alpha * l_xp}
         if self.kl_coef > 0:
-            if forward.kl is None:
-                raise RuntimeError("LatentExploration(kl_coef > 0) needs forward.kl; the module computed no reference")
-            gated = forward.kl * gate[:, None].to(forward.kl.dtype)
+            if forward.reference_kl is None:
+                raise RuntimeError("LatentExploration(kl_coef > 0) needs forward.reference_kl; the module has no reference")
+            gated = torch.zeros_like(forward.logp)
+            if gate.any():  # the reference forward runs over the gated responses only
+                gated[gate] = forward.reference_kl(gate).to(gated.dtype)
             gated_kl = obj.aggregate(gated, forward.response_mask, forward.loss_agg_mode)
             losses["relax/gated_kl_loss"] = self.kl_coef * gated_kl
             metrics["relax/gated_kl"] = float(gated_kl.detach())

@@ -12,7 +12,9 @@ RLVRModule imports no callback. A callback that wants to take part in the update
 
 Set ``needs_hidden_states = True`` on the callback class to have ``forward.hidden`` filled: the module then
 captures the final norm's output with a forward hook (never ``output_hidden_states=True``, which keeps
-every layer).
+every layer). Set ``needs_reference = True`` to have ``forward.reference_kl`` available: it computes the KL
+to the reference policy of the rows a callback selects, running the reference forward over those rows only
+(all rows up front when the objective has its own KL term, or on sharded ranks, which must run in lockstep).
 
 Example::
 
@@ -25,7 +27,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import lightning as L
 from torch import Tensor
@@ -46,7 +48,9 @@ class PolicyForward:
     advantages: Tensor  # (B,) one detached scalar advantage per response
     group_index: Tensor  # (B,) long: responses of the same prompt share an index
     hidden: Tensor | None = None  # (B, T, d) final-norm hidden states with grad, if a callback needs them
-    kl: Tensor | None = None  # (B, T) per-token KL to the reference (k3), with grad; None without reference
+    # reference_kl(selected) -> (S, T): per-token KL to the reference (model.objective.kl_estimator) of the rows
+    # picked by the bool mask ``selected`` (B,), with grad; None unless a callback or the objective needs a reference
+    reference_kl: Callable[[Tensor], Tensor] | None = None
     loss_agg_mode: str = "token-mean"  # how the module aggregates per-token losses (objectives.aggregate)
     global_step: int = 0
 
@@ -63,6 +67,7 @@ class RLVRCallback(L.Callback):
     """A Lightning callback that can also see rollouts and add terms to the policy loss."""
 
     needs_hidden_states: bool = False
+    needs_reference: bool = False
 
     def on_rollout_end(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
         """Called once per training step, after rewards and advantages, before the update."""

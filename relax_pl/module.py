@@ -8,9 +8,9 @@ import re
 import resource
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import lightning as L
 import numpy as np
@@ -134,6 +134,7 @@ class RLVRModule(L.LightningModule):
         self._step_reward_failures = (0, 0)  # (timeouts, errors) of the latest scoring call
         self._skipped_long_prompts: int | None = None  # rows left out at setup (sampling.on_long_prompt: skip)
         self._val_metrics: dict[str, MeanMetric] = {}  # plain dict: never in state_dict, never sharded
+        self._step_timer: PhaseTimer | None = None  # the running training step's
 
     # ----------------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -167,7 +168,14 @@ class RLVRModule(L.LightningModule):
     @property
     def needs_reference(self) -> bool:
         callbacks = rlvr_callbacks(self.trainer) if self._trainer is not None else []
-        return self.objective.kl_coef > 0 or any(getattr(cb, "needs_reference_logprobs", False) for cb in callbacks)
+        return self.objective.kl_coef > 0 or any(cb.needs_reference for cb in callbacks)
+
+    @property
+    def reference_up_front(self) -> bool:
+        """Whether the reference log-probs of every response are computed before the update. Otherwise
+        (only callbacks need a reference) ``PolicyForward.reference_kl`` runs the reference over the rows they
+        select. Sharded ranks always run it up front: their forwards must stay in lockstep."""
+        return self.needs_reference and (self.objective.kl_coef > 0 or self.device_mesh is not None)
 
     def configure_optimizers(self):
         cfg = self.optimizer_config
@@ -206,7 +214,7 @@ class RLVRModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- one step
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        timer = PhaseTimer(self.device)
+        timer = self._step_timer = PhaseTimer(self.device)
         with timer("gen"):
             rollout = self.generate(batch)
         with timer("reward"):
@@ -224,11 +232,8 @@ class RLVRModule(L.LightningModule):
             if not self.single_update_pass(len(rollout)):
                 with timer("old"):
                     rollout.old_logp = self.sequence_logprobs(self.policy, rollout)
-            if self.needs_reference:
-                with timer("ref"):
-                    reference, context = self.model_setup.reference(self.policy, self._reference[0])
-                    with context:
-                        rollout.ref_logp = self.sequence_logprobs(reference, rollout)
+            if self.reference_up_front:
+                rollout.ref_logp = self.reference_logprobs(rollout, torch.arange(len(rollout), device=self.device))
             with timer("update"):
                 metrics.update(self.update_policy(rollout))
         metrics.update(timer.metrics(), **self.performance_metrics(rollout, timer))
@@ -347,13 +352,34 @@ class RLVRModule(L.LightningModule):
         )
 
     @torch.no_grad()
-    def sequence_logprobs(self, model: nn.Module, rollout: RolloutBatch) -> Tensor:
-        """Log-probs of every response under ``model`` (no grad), padded to the rollout's width."""
-        out = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=self.device)
-        for rows in torch.arange(len(rollout), device=self.device).split(self.update.micro_batch_size):
-            logp, _, mask, _ = self.policy_forward(model, rollout, rows)
-            out[rows, : logp.shape[1]] = logp.float() * mask
+    def sequence_logprobs(self, model: nn.Module, rollout: RolloutBatch, rows: Tensor | None = None) -> Tensor:
+        """Log-probs of the responses of ``rows`` (default all) under ``model`` (no grad), ``(len(rows), T)``
+        padded with zeros to the rollout's width."""
+        rows = torch.arange(len(rollout), device=self.device) if rows is None else rows
+        out = torch.zeros(len(rows), rollout.response_mask.shape[1], dtype=torch.float32, device=self.device)
+        for index in torch.arange(len(rows), device=self.device).split(self.update.micro_batch_size):
+            logp, _, mask, _ = self.policy_forward(model, rollout, rows[index])
+            out[index, : logp.shape[1]] = logp.float() * mask
         return out
+
+    def reference_logprobs(self, rollout: RolloutBatch, rows: Tensor) -> Tensor:
+        """:meth:`sequence_logprobs` under the reference policy (a frozen copy, or the adapter disabled)."""
+        reference, context = self.model_setup.reference(self.policy, self._reference[0])
+        with self._step_timer("ref") if self._step_timer else nullcontext(), context:
+            return self.sequence_logprobs(reference, rollout, rows)
+
+    def reference_kl(self, rollout: RolloutBatch, rows: Tensor, logp: Tensor) -> Callable[[Tensor], Tensor]:
+        """``PolicyForward.reference_kl`` of the micro-batch ``rows`` whose current log-probs are ``logp``."""
+
+        def kl_of(selected: Tensor) -> Tensor:
+            width = logp.shape[1]
+            if rollout.ref_logp is not None:
+                ref_logp = rollout.ref_logp[rows[selected], :width]
+            else:
+                ref_logp = self.reference_logprobs(rollout, rows[selected])[:, :width]
+            return obj.kl_penalty(logp[selected], ref_logp, self.objective.kl_estimator)
+
+        return kl_of
 
     @torch.no_grad()
     def response_hidden_states(self, rollout: RolloutBatch) -> list[tuple[Tensor, Tensor]]:
@@ -423,6 +449,7 @@ class RLVRModule(L.LightningModule):
             per_token, clip = obj.kl_cov_surrogate(logp, old_logp, advantages, mask, cfg.kl_cov_ratio, cfg.kl_cov_coef)
         pg_loss = obj.aggregate(per_token, mask, cfg.loss_agg, normaliser)
         loss = pg_loss
+        reference_kl = self.reference_kl(rollout, rows, logp) if self.needs_reference else None
         kl = None if rollout.ref_logp is None else obj.kl_penalty(logp, rollout.ref_logp[rows, :width], cfg.kl_estimator)
         stats = {
             "actor/pg_loss": float(pg_loss.detach()) / share,
@@ -445,7 +472,7 @@ class RLVRModule(L.LightningModule):
             advantages=advantages,
             group_index=rollout.group_index[rows],
             hidden=hidden,
-            kl=kl,
+            reference_kl=reference_kl,
             loss_agg_mode=cfg.loss_agg,
             global_step=self.global_step,
         )

@@ -1,8 +1,10 @@
 """Speed paths that must not change results: each prompt encoded once for all its responses (before decoding
-and in the training forward), and the static-cache generation backend."""
+and in the training forward), the static-cache generation backend, and reference log-probs computed only for
+the rows a callback asks for."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from relax_pl import module as module_lib
 from relax_pl import rollout as rollout_lib
 from relax_pl.models import load_causal_lm, load_tokenizer
-from relax_pl.module import RLVRModule
+from relax_pl.module import RLVRModule, UpdateConfig
 from relax_pl.rollout import SamplingConfig, generate
 from relax_pl.setups import SingleDevice, enable_gradient_checkpointing
 from relax_pl.testing import save_tiny_model
@@ -143,3 +145,37 @@ def test_backends_draw_the_same_samples_from_the_same_seed(tiny):
     assert not all(torch.equal(responses[0], row) for row in responses[1:4])  # sampled, not greedy
     assert torch.equal(drawn["static"].input_ids, drawn["dynamic"].input_ids)
     assert torch.equal(drawn["static"].response_mask, drawn["dynamic"].response_mask)
+
+
+def test_reference_kl_of_selected_rows_equals_the_up_front_kl(tiny, monkeypatch):
+    model, tokenizer = tiny
+    prompts, samples = prompts_of(tokenizer)
+    sampling = SamplingConfig(num_responses=3, max_new_tokens=12, temperature=0.9)
+    torch.manual_seed(0)
+    rollout = generate(model, tokenizer, prompts, samples, sampling)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # a reference that differs from the policy
+        for p in reference.parameters():
+            p.mul_(0.9)
+    module = RLVRModule(setup=SingleDevice(), sampling=sampling, update=UpdateConfig(micro_batch_size=2))
+    module.policy, module._reference[0] = model, reference
+    rows = torch.tensor([4, 0, 5, 1, 8])  # a micro-batch of rows from three groups
+    logp = module.policy_forward(model, rollout, rows)[0]
+    selected = torch.tensor([True, False, False, True, True])
+    reference_rows = []
+    policy_forward = module.policy_forward
+
+    def spy(model, rollout, rows, *args, **kwargs):
+        if model is reference:
+            reference_rows.extend(rows.tolist())
+        return policy_forward(model, rollout, rows, *args, **kwargs)
+
+    monkeypatch.setattr(module, "policy_forward", spy)
+    lazy = module.reference_kl(rollout, rows, logp)(selected)
+    assert sorted(reference_rows) == [1, 4, 8]  # the selected rows only
+    rollout.ref_logp = module.reference_logprobs(rollout, torch.arange(len(rollout)))
+    up_front = module.reference_kl(rollout, rows, logp)(selected)
+    mask = rollout.response_mask[rows[selected], : logp.shape[1]]
+    assert lazy.shape == up_front.shape == (3, logp.shape[1])
+    assert float((up_front * mask).sum()) > 1e-3  # the two policies differ
+    torch.testing.assert_close(lazy, up_front, rtol=1e-4, atol=1e-5)

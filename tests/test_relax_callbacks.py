@@ -43,7 +43,8 @@ def synthetic_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_terms(explore: LatentExploration, fit: KoopmanFit, hidden, mask, kl=None):
     forward = PolicyForward(
-        response_mask=mask, logp=torch.zeros(mask.shape), advantages=ADVANTAGES, group_index=GROUPS, hidden=hidden, kl=kl
+        response_mask=mask, logp=torch.zeros(mask.shape), advantages=ADVANTAGES, group_index=GROUPS, hidden=hidden,
+        reference_kl=None if kl is None else lambda selected: kl[selected],
     )
     return explore.policy_loss_terms(SimpleNamespace(callbacks=[fit, explore]), None, forward)
 
@@ -150,7 +151,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 RELAX_CALLBACKS = [
     {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": M, "steps": 5, "lr": 1e-3}},
-    {"class_path": "relax_pl.callbacks.LatentExploration", "init_args": {"n_min": N_MIN, "xi_scale": 1.0, "kl_coef": 0.1}},
+    {"class_path": "relax_pl.callbacks.LatentExploration", "init_args": {"n_min": N_MIN, "xi_scale": 1.0, "kl_coef": 0.1, "gate_positive_only": False}},
     {"class_path": "relax_pl.callbacks.SpectrumMonitor", "init_args": {"every_n_steps": 1, "n_min": N_MIN}},
 ]
 
@@ -218,6 +219,9 @@ def test_relax_fit_logs_and_resume_does_not_refit(tmp_path, tiny_model, monkeypa
     ]:
         assert tag in scalars, f"{tag} not logged; got {sorted(scalars)}"
     assert min(scalars["relax/valid_frac"]) > 0.5 and min(scalars["relax/xi"]) > 0
+    # the random model's rewards are all 0, so only the gate on all valid responses can reach the KL; the
+    # reference then runs during the update over the gated responses (logged as timing_s/ref)
+    assert max(scalars["relax/gated_frac"]) > 0 and all(v >= 0 for v in scalars["relax/gated_kl"])
     assert all(v <= 0 for v in scalars["relax/l_xp"])  # log-mean-exp of -z with z >= 0
     assert len(scalars["koopman/fit_loss_final"]) == 1  # fitted once
     assert {"koopman/eigenvalues", "koopman/dsd_histogram"} <= images

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from relax_pl.cli import main
 from relax_pl.export import export, load_policy_state
 from relax_pl.models import build_tiny_model, load_causal_lm
+from relax_pl.objectives import kl_penalty
 from relax_pl.setups import FSDP, QLoRA, SingleDevice, keep_cpu_weights_trainable
 from relax_pl.testing import save_tiny_model
 
@@ -137,6 +138,19 @@ def test_qlora_trains_the_adapter_only_and_the_reference_is_the_base(qlora_run, 
     mask = rollout.response_mask
     torch.testing.assert_close(ref_logp[mask], base_logp[mask], rtol=0, atol=1e-5)
     assert (policy_logp[mask] - base_logp[mask]).abs().max() > 1e-3  # the adapter is on outside the context
+
+    # a callback's reference during the update (LatentExploration's gated KL): the adapter is off only inside it
+    rows = torch.arange(len(rollout))
+    logp = module.policy_forward(policy, rollout, rows)[0]
+    width = logp.shape[1]
+    selected = torch.arange(len(rows)) % 2 == 0
+    kl = module.reference_kl(rollout, rows, logp)(selected)
+    expected = kl_penalty(policy_logp[selected, :width], base_logp[selected, :width])
+    selected_mask = mask[selected, :width]
+    torch.testing.assert_close(kl[selected_mask], expected[selected_mask], rtol=1e-4, atol=1e-5)
+    policy.zero_grad(set_to_none=True)
+    (kl * selected_mask).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in policy.named_parameters() if "lora_" in n)
 
 
 def test_qlora_checkpoint_holds_adapter_and_optimizer_only(qlora_run):
