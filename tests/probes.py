@@ -1,4 +1,5 @@
-"""Helpers that the setup tests name in their recipes (importable with tests/ on PYTHONPATH).
+"""Helpers for the tests: classes that test recipes name (importable with tests/ on PYTHONPATH) and a reader of
+what a run logged to TensorBoard.
 
 ``ShardProbe`` writes what each rank saw to ``<out>/rank<k>.json``: the rank-local and global shapes of the
 sharded parameters, and per step the responses' lengths, the prompt row of every response and whether the
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.tensor import DTensor
 
 from relax_pl.extension import RLVRCallback
@@ -65,3 +67,16 @@ class ShardProbe(RLVRCallback):
     def on_fit_end(self, trainer, module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+
+
+def tensorboard_logs(folder: Path) -> tuple[dict[str, list[float]], set[str]]:
+    """The scalars (tag -> values, in order) and the image tags of the TensorBoard event files under ``folder``."""
+    scalars: dict[str, list[float]] = {}
+    images: set[str] = set()
+    for events in sorted(folder.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+        images.update(acc.Tags()["images"])
+    return scalars, images

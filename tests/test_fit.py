@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from relax_pl.cli import main
 from relax_pl.module import RLVRModule
-from relax_pl.testing import save_tiny_model
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", kind="qwen2", seed=0)
+from probes import tensorboard_logs
 
 
 def write_recipe(folder: Path, model: Path, max_steps: int = 2, every_n: int = 1, **model_overrides) -> Path:
@@ -76,23 +71,13 @@ def write_recipe(folder: Path, model: Path, max_steps: int = 2, every_n: int = 1
     return path
 
 
-def scalars(folder: Path) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for events in folder.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
-    return out
-
-
 def test_two_step_fit_logs_checkpoints_and_validates(tmp_path, tiny_model):
     main(["fit", "--config", str(write_recipe(tmp_path, tiny_model, max_steps=2 * 4))])
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     # 2 RL steps x (2 epochs x 2 mini-batches of 4 responses) = 8 optimiser steps
     assert ckpt["global_step"] == 8
     assert "rng_states" in ckpt and ckpt["optimizer_states"]
-    logged = scalars(tmp_path)
+    logged = tensorboard_logs(tmp_path)[0]
     for tag in [
         "critic/score/mean", "reward/accuracy", "reward/format", "actor/pg_loss", "actor/kl_loss",
         "actor/entropy", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm", "response_length/mean",
@@ -207,10 +192,10 @@ def test_subclass_overrides_the_reward_method(tmp_path, tiny_model):
     recipe = write_recipe(tmp_path, tiny_model, max_steps=8)
     main(["fit", "--config", str(recipe), "--trainer.limit_val_batches", "0"], model_class=ShortestWinsModule)
     assert len(ShortestWinsModule.seen_rewards) == 2
-    logged = scalars(tmp_path)["critic/score/mean"]
+    logged = tensorboard_logs(tmp_path)[0]["critic/score/mean"]
     expected = [float(r.mean()) for r in ShortestWinsModule.seen_rewards]
     assert logged == pytest.approx(expected, abs=1e-6)
-    assert "reward/accuracy" not in scalars(tmp_path)
+    assert "reward/accuracy" not in tensorboard_logs(tmp_path)[0]
 
 
 def test_dynamic_sampling_drops_uniform_groups_and_skips_an_empty_update(tmp_path, tiny_model):
@@ -219,7 +204,7 @@ def test_dynamic_sampling_drops_uniform_groups_and_skips_an_empty_update(tmp_pat
     recipe = write_recipe(tmp_path, tiny_model, max_steps=8)
     args = ["--model.update.dynamic_sampling", "true", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1"]
     main(["fit", "--config", str(recipe), *args])
-    logged = scalars(tmp_path)
+    logged = tensorboard_logs(tmp_path)[0]
     assert logged["data/dropped_groups"] and all(v == 2.0 for v in logged["data/dropped_groups"])
     assert "actor/pg_loss" not in logged
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 0

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import relax_pl.callbacks.koopman_fit
 from relax_pl.callbacks import KoopmanFit, LatentExploration, SpectrumMonitor
@@ -18,7 +17,9 @@ from relax_pl.callbacks.latent_exploration import CALIBRATION_KEY, latent_explor
 from relax_pl.cli import main
 from relax_pl.extension import PolicyForward
 from relax_pl.koopman import KoopmanDictionary, dsd
-from relax_pl.testing import save_tiny_model
+
+from probes import tensorboard_logs
+
 
 D_MODEL, M, N_MIN = 16, 4, 5
 # Two prompts of three responses; row 5 is too short for a defined DSD (3 transitions < n_min).
@@ -144,11 +145,6 @@ def test_dictionary_state_round_trip(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- CLI fits
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", kind="qwen2", seed=0)
-
-
 RELAX_CALLBACKS = [
     {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": M, "steps": 5, "lr": 1e-3}},
     {"class_path": "relax_pl.callbacks.LatentExploration", "init_args": {"n_min": N_MIN, "xi_scale": 1.0, "kl_coef": 0.1, "gate_positive_only": False}},
@@ -197,21 +193,10 @@ def recipe(folder: Path, model: Path, callbacks: list[dict], **objective) -> Pat
     return folder / "recipe.yaml"
 
 
-def logged(folder: Path) -> tuple[dict[str, list[float]], set[str]]:
-    scalars, images = {}, set()
-    for events in folder.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
-        images.update(acc.Tags()["images"])
-    return scalars, images
-
-
 def test_relax_fit_logs_and_resume_does_not_refit(tmp_path, tiny_model, monkeypatch):
     config = recipe(tmp_path, tiny_model, RELAX_CALLBACKS)
     main(["fit", "--config", str(config)])
-    scalars, images = logged(tmp_path)
+    scalars, images = tensorboard_logs(tmp_path)
     for tag in [
         "relax/xp_loss", "relax/gated_kl_loss", "relax/l_xp", "relax/xi", "relax/dsd_mean", "relax/dsd_p90",
         "relax/gated_frac", "timing_s/dsd", "timing_s/ref", "koopman/fit_loss_initial", "koopman/fit_loss_final",
@@ -245,7 +230,7 @@ def test_relax_fit_logs_and_resume_does_not_refit(tmp_path, tiny_model, monkeypa
 def test_token_level_baselines_fit(tmp_path, tiny_model, objective):
     main(["fit", "--config", str(recipe(tmp_path, tiny_model, [], **objective))])
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
-    scalars, _ = logged(tmp_path)
+    scalars, _ = tensorboard_logs(tmp_path)
     assert len(scalars["actor/pg_loss"]) == 2 and all(math.isfinite(v) for v in scalars["actor/pg_loss"])
     assert all(math.isfinite(v) for v in scalars["actor/grad_norm"])
     if objective.get("entropy_coef"):  # the random model's rewards are all 0: only the bonus has a gradient

@@ -26,11 +26,6 @@ LORA = {"dtype": "float32", "rank": 8, "alpha": 16, "dropout": 0.0}
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", kind="qwen2", seed=0)
-
-
-@pytest.fixture(scope="module")
 def early_stopping_model(tmp_path_factory) -> Path:
     """The tiny model with ~40% of its vocabulary as stop tokens: random sampling then ends responses at
     different lengths, so ranks finish generating at different steps."""
