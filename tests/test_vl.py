@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Qwen2_5_VLProcessor
 
 from relax_pl.cli import main
@@ -22,6 +21,9 @@ from relax_pl.module import RLVRModule, reward_fields
 from relax_pl.rollout import SamplingConfig
 from relax_pl.testing import VL_CHAT_TEMPLATE, save_tiny_vl_model
 from relax_pl.vision import ImageTextProcessor, VisionConfig, expand_image_tokens
+
+from probes import tensorboard_logs
+
 
 SYSTEM = "Given the images and the question, please reason step by step, and put your final answer within \\boxed{}."
 
@@ -59,7 +61,7 @@ def write_recipe(folder: Path, pretrained: Path, **overrides) -> Path:
                 {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": 4, "steps": 3, "batch_size": 8}},
                 {
                     "class_path": "relax_pl.callbacks.LatentExploration",
-                    "init_args": {"xi_mode": "quantile", "kl_coef": 0.01, "n_min": 5},
+                    "init_args": {"xi_mode": "quantile", "kl_coef": 0.01, "n_min": 5, "gate_positive_only": False},
                 },
             ],
         },
@@ -92,18 +94,6 @@ def write_recipe(folder: Path, pretrained: Path, **overrides) -> Path:
     return path
 
 
-def scalars(folder: Path) -> tuple[dict[str, list[float]], list[str]]:
-    values: dict[str, list[float]] = {}
-    images: list[str] = []
-    for events in folder.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            values.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
-        images += acc.Tags()["images"]
-    return values, images
-
-
 @pytest.fixture(scope="module")
 def vl_run(tmp_path_factory, tiny_vl):
     folder = tmp_path_factory.mktemp("vl_fit")
@@ -115,7 +105,7 @@ def vl_run(tmp_path_factory, tiny_vl):
 def test_two_step_fit_with_relax_callbacks_logs_and_validates(vl_run):
     folder, _, module = vl_run
     assert type(module.processor).__name__ in ("ImageTextProcessor", "Qwen2_5_VLProcessor")
-    values, images = scalars(folder)
+    values, images = tensorboard_logs(folder)
     for tag in [
         "critic/score/mean", "actor/pg_loss", "actor/entropy", "timing_s/gen", "timing_s/ref", "timing_s/update",
         "koopman/fit_loss_final", "relax/valid_frac", "relax/dsd_mean", "relax/gated_kl",
@@ -125,6 +115,8 @@ def test_two_step_fit_with_relax_callbacks_logs_and_validates(vl_run):
         assert tag in values, f"{tag} not logged; got {sorted(values)}"
     # 12-token responses of a random model rarely stop early: most have the n_min = 5 transitions DSD needs
     assert max(values["relax/valid_frac"]) > 0.5
+    # the gate holds on all valid responses, so the reference ran over the gated ones (with their images)
+    assert max(values["relax/gated_frac"]) > 0
     assert all(v == v for v in values["relax/dsd_mean"])  # not NaN: computed on valid responses
     assert 0 <= values["val/accuracy/mean@3"][0] <= values["val/accuracy/pass@3"][0] <= 1
     assert values["val/accuracy"][0] == pytest.approx(values["val/accuracy/mean@3"][0], abs=1e-6)
