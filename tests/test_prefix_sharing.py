@@ -41,6 +41,15 @@ def prompts_of(tokenizer) -> tuple[list[str], list[dict]]:
     return prompts, [{"row": i, "source": "test"} for i in range(len(prompts))]
 
 
+def sampled_rollout(tiny, seed: int):
+    """The tiny model, three responses sampled for each question (temperature 0.9), and their sampling config."""
+    model, tokenizer = tiny
+    prompts, samples = prompts_of(tokenizer)
+    sampling = SamplingConfig(num_responses=3, max_new_tokens=12, temperature=0.9)
+    torch.manual_seed(seed)
+    return model, sampling, generate(model, tokenizer, prompts, samples, sampling)
+
+
 def counting(monkeypatch, namespace) -> list[int]:
     calls: list[int] = []
     original = rollout_lib.shared_prefix_cache
@@ -76,11 +85,7 @@ def test_shared_prefill_and_static_backend_decode_the_same_greedy_tokens(tiny, m
 
 
 def test_shared_prefix_forward_matches_the_full_forward(tiny, monkeypatch):
-    model, tokenizer = tiny
-    prompts, samples = prompts_of(tokenizer)
-    sampling = SamplingConfig(num_responses=3, max_new_tokens=12, temperature=0.9)
-    torch.manual_seed(0)
-    rollout = generate(model, tokenizer, prompts, samples, sampling)
+    model, sampling, rollout = sampled_rollout(tiny, seed=0)
     module = RLVRModule(setup=SingleDevice(), sampling=sampling)
     rows = torch.tensor([4, 0, 5, 1, 8])  # parts of three groups, out of order
     calls = counting(monkeypatch, module_lib)
@@ -105,11 +110,7 @@ def test_shared_prefix_forward_matches_the_full_forward(tiny, monkeypatch):
 
 
 def test_gradient_checkpointing_shares_the_prefix_only_without_grad(tiny, monkeypatch):
-    model, tokenizer = tiny
-    prompts, samples = prompts_of(tokenizer)
-    sampling = SamplingConfig(num_responses=3, max_new_tokens=12, temperature=0.9)
-    torch.manual_seed(1)
-    rollout = generate(model, tokenizer, prompts, samples, sampling)
+    model, sampling, rollout = sampled_rollout(tiny, seed=1)
     rows = torch.arange(len(rollout))
     with torch.no_grad():
         expected = RLVRModule(setup=SingleDevice(), sampling=sampling).policy_forward(model, rollout, rows)[0]
@@ -148,11 +149,7 @@ def test_backends_draw_the_same_samples_from_the_same_seed(tiny):
 
 
 def test_reference_kl_of_selected_rows_equals_the_up_front_kl(tiny, monkeypatch):
-    model, tokenizer = tiny
-    prompts, samples = prompts_of(tokenizer)
-    sampling = SamplingConfig(num_responses=3, max_new_tokens=12, temperature=0.9)
-    torch.manual_seed(0)
-    rollout = generate(model, tokenizer, prompts, samples, sampling)
+    model, sampling, rollout = sampled_rollout(tiny, seed=0)
     reference = copy.deepcopy(model)
     with torch.no_grad():  # a reference that differs from the policy
         for p in reference.parameters():
