@@ -289,25 +289,12 @@ def tiny_model_config(
 
 
 def build_tiny_model(
-    kind: Literal["qwen2", "llama"] = "qwen2",
-    vocab_size: int = 512,
-    hidden_size: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-    max_position_embeddings: int = 2048,
-    tie_word_embeddings: bool = True,
-    seed: int = 0,
+    kind: Literal["qwen2", "llama"] = "qwen2", seed: int = 0, **config_args: Any
 ) -> Qwen2ForCausalLM | LlamaForCausalLM:
-    """A randomly initialised ``Qwen2ForCausalLM`` / ``LlamaForCausalLM``; the same seed gives the same weights.
-
-    The global torch RNG is left as it was.
+    """A randomly initialised ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` of :func:`tiny_model_config`'s shape
+    (``config_args`` are its arguments); the same seed gives the same weights. The global torch RNG is left as it was.
     """
-    config = tiny_model_config(
-        kind, vocab_size, hidden_size, layers, heads, kv_heads, intermediate, max_position_embeddings,
-        tie_word_embeddings,
-    )
+    config = tiny_model_config(kind, **config_args)
     model_class = Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
