@@ -170,7 +170,9 @@ class LatentExploration(RLVRCallback):
         losses = {"relax/xp_loss": self.alpha * l_xp}
         if self.kl_coef > 0:
             if forward.reference_kl is None:
-                raise RuntimeError("LatentExploration(kl_coef > 0) needs forward.reference_kl; the module has no reference")
+                raise RuntimeError(
+                    "LatentExploration(kl_coef > 0) needs forward.reference_kl; the module has no reference"
+                )
             gated = torch.zeros_like(forward.logp)
             if gate.any():  # the reference forward runs over the gated responses only
                 gated[gate] = forward.reference_kl(gate).to(gated.dtype)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.tensor import DTensor
 
@@ -80,3 +81,63 @@ def tensorboard_logs(folder: Path) -> tuple[dict[str, list[float]], set[str]]:
             scalars.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
         images.update(acc.Tags()["images"])
     return scalars, images
+
+
+def tiny_recipe(
+    folder: Path,
+    pretrained: Path,
+    callbacks: list[dict] = (),
+    seed: int = 7,
+    checkpoint_every: int = 1,
+    logger: bool = True,
+    **sections: dict,
+) -> Path:
+    """Write ``folder/recipe.yaml`` and return its path: a CPU fit of ``pretrained`` for 2 optimiser steps on
+    single-digit additions (2 prompts x 4 responses of at most 12 tokens a step), a checkpoint every
+    ``checkpoint_every`` steps then ``callbacks``, TensorBoard under ``folder/tb`` unless ``logger`` is False, no
+    validation. Each of ``sections`` (``trainer=``, ``model=``, ``data=``) updates that section key by key."""
+    tensorboard = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(folder), "name": "tb"},
+    }
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(folder / "checkpoints"),
+            "every_n_train_steps": checkpoint_every,
+            "save_last": True,
+            "save_top_k": -1,
+        },
+    }
+    recipe = {
+        "seed_everything": seed,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "default_root_dir": str(folder),
+            "logger": tensorboard if logger else False,
+            "callbacks": [checkpoint, *callbacks],
+        },
+        "model": {
+            "pretrained": str(pretrained),
+            "sampling": {"num_responses": 4, "max_new_tokens": 12, "temperature": 1.0},
+            "update": {"micro_batch_size": 4},
+            "optimizer": {"lr": 1e-3},
+        },
+        "data": {
+            "train_source": "builtin:arithmetic",
+            "task_options": {"digits": 1, "operations": "+", "num_samples": 12},
+            "batch_size": 2,
+        },
+    }
+    for section, values in sections.items():
+        recipe[section].update(values)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -16,59 +16,25 @@ import yaml
 from relax_pl.cli import main
 from relax_pl.module import RLVRModule
 
-from probes import tensorboard_logs
+from probes import tensorboard_logs, tiny_recipe
 
 
-def write_recipe(folder: Path, model: Path, max_steps: int = 2, every_n: int = 1, **model_overrides) -> Path:
-    recipe = {
-        "seed_everything": 7,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": max_steps,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "num_sanity_val_steps": 0,
-            "limit_val_batches": 1,
-            "val_check_interval": 2,
-            "default_root_dir": str(folder),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(folder), "name": "tb"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": str(folder / "checkpoints"),
-                        "every_n_train_steps": every_n,
-                        "save_last": True,
-                        "save_top_k": -1,
-                    },
-                },
-                {"class_path": "relax_pl.callbacks.SampleLogger", "init_args": {"every_n_steps": 1}},
-            ],
-        },
-        "model": {
-            "pretrained": str(model),
-            "sampling": {"num_responses": 4, "max_new_tokens": 12, "temperature": 1.0},
+def write_recipe(folder: Path, model: Path, max_steps: int = 2, every_n: int = 1) -> Path:
+    """Two PPO epochs of two mini-batches a step (four optimiser steps), a KL term, greedy validation every 2."""
+    return tiny_recipe(
+        folder, model, callbacks=[{"class_path": "relax_pl.callbacks.SampleLogger", "init_args": {"every_n_steps": 1}}],
+        checkpoint_every=every_n,
+        trainer={"max_steps": max_steps, "limit_val_batches": 1, "val_check_interval": 2},
+        model={
             "objective": {"kl_coef": 0.01, "clip_high": 0.28},
             "update": {"micro_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 2},
-            "optimizer": {"lr": 1e-3},
-            **model_overrides,
         },
-        "data": {
-            "train_source": "builtin:arithmetic",
+        data={
             "val_source": "builtin:arithmetic",
-            "task_options": {"digits": 1, "operations": "+", "num_samples": 12},
             "system_prompt": "Put the answer in \\boxed{}.",
-            "batch_size": 2,
             "val_batch_size": 2,
         },
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    )
 
 
 def test_two_step_fit_logs_checkpoints_and_validates(tmp_path, tiny_model):

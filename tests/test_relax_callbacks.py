@@ -9,16 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
 import relax_pl.callbacks.koopman_fit
-from relax_pl.callbacks import KoopmanFit, LatentExploration, SpectrumMonitor
+from relax_pl.callbacks import KoopmanFit, LatentExploration
 from relax_pl.callbacks.latent_exploration import CALIBRATION_KEY, latent_exploration_loss
 from relax_pl.cli import main
 from relax_pl.extension import PolicyForward
 from relax_pl.koopman import KoopmanDictionary, dsd
 
-from probes import tensorboard_logs
+from probes import tensorboard_logs, tiny_recipe
 
 
 D_MODEL, M, N_MIN = 16, 4, 5
@@ -147,50 +146,21 @@ def test_dictionary_state_round_trip(tmp_path):
 # ----------------------------------------------------------------------------------------- CLI fits
 RELAX_CALLBACKS = [
     {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": M, "steps": 5, "lr": 1e-3}},
-    {"class_path": "relax_pl.callbacks.LatentExploration", "init_args": {"n_min": N_MIN, "xi_scale": 1.0, "kl_coef": 0.1, "gate_positive_only": False}},
+    {
+        "class_path": "relax_pl.callbacks.LatentExploration",
+        # the random model's rewards are all 0: gating on all valid responses lets the gated KL act
+        "init_args": {"n_min": N_MIN, "xi_scale": 1.0, "kl_coef": 0.1, "gate_positive_only": False},
+    },
     {"class_path": "relax_pl.callbacks.SpectrumMonitor", "init_args": {"every_n_steps": 1, "n_min": N_MIN}},
 ]
 
 
 def recipe(folder: Path, model: Path, callbacks: list[dict], **objective) -> Path:
-    config = {
-        "seed_everything": 3,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 2,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "num_sanity_val_steps": 0,
-            "limit_val_batches": 0,
-            "default_root_dir": str(folder),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(folder), "name": "tb"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(folder / "checkpoints"), "every_n_train_steps": 1, "save_last": True},
-                },
-                *callbacks,
-            ],
-        },
-        "model": {
-            "pretrained": str(model),
-            "sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0},
-            "objective": objective,
-            "update": {"micro_batch_size": 4},
-            "optimizer": {"lr": 1e-3},
-        },
-        "data": {
-            "train_source": "builtin:arithmetic",
-            "task_options": {"digits": 1, "operations": "+", "num_samples": 8},
-            "batch_size": 2,
-        },
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(config))
-    return folder / "recipe.yaml"
+    return tiny_recipe(
+        folder, model, callbacks, seed=3,
+        model={"sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0}, "objective": objective},
+        data={"task_options": {"digits": 1, "operations": "+", "num_samples": 8}},
+    )
 
 
 def test_relax_fit_logs_and_resume_does_not_refit(tmp_path, tiny_model, monkeypatch):

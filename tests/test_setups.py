@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM
 
@@ -20,6 +19,8 @@ from relax_pl.models import build_tiny_model, load_causal_lm
 from relax_pl.objectives import kl_penalty
 from relax_pl.setups import FSDP, QLoRA, SingleDevice, keep_cpu_weights_trainable
 from relax_pl.testing import save_tiny_model
+
+from probes import tiny_recipe
 
 TESTS = Path(__file__).parent
 LORA = {"dtype": "float32", "rank": 8, "alpha": 16, "dropout": 0.0}
@@ -37,53 +38,21 @@ def early_stopping_model(tmp_path_factory) -> Path:
     return folder
 
 
-def write_recipe(folder: Path, model: Path, setup: dict, max_steps: int = 2, **overrides) -> Path:
-    recipe = {
-        "seed_everything": 7,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": max_steps,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "limit_val_batches": 0,
-            "default_root_dir": str(folder),
-            "logger": False,
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": str(folder / "checkpoints"),
-                        "every_n_train_steps": 1,
-                        "save_last": True,
-                        "save_top_k": -1,
-                    },
-                }
-            ],
-        },
-        "model": {
-            "pretrained": str(model),
+def write_recipe(
+    folder: Path, pretrained: Path, setup: dict, max_steps: int = 2, callbacks: list[dict] = (), **model_keys
+) -> Path:
+    """Rewards that differ within groups (so a gradient), a KL term (so a reference); ``model_keys`` override."""
+    return tiny_recipe(
+        folder, pretrained, callbacks, logger=False,
+        trainer={"max_steps": max_steps},
+        model={
             "setup": setup,
-            "sampling": {"num_responses": 4, "max_new_tokens": 12, "temperature": 1.0},
-            "reward": {"class_path": "probes.LengthParityReward"},  # rewards differ within groups: a gradient
+            "reward": {"class_path": "probes.LengthParityReward"},
             "objective": {"kl_coef": 0.01},
-            "update": {"micro_batch_size": 4},
             "optimizer": {"lr": 1e-2},
+            **model_keys,
         },
-        "data": {
-            "train_source": "builtin:arithmetic",
-            "task_options": {"digits": 1, "operations": "+", "num_samples": 12},
-            "batch_size": 2,
-        },
-    }
-    for key, value in overrides.items():  # "model.sampling": {...} style
-        section, name = key.split(".")
-        recipe[section][name] = value
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    )
 
 
 def qlora_setup(**init_args) -> dict:
@@ -196,7 +165,7 @@ def test_qlora_export_adapter_and_merged_model(qlora_run, tiny_model, tmp_path):
 
 
 def test_paged_adamw_8bit_steps_the_adapter(tmp_path, tiny_model):
-    recipe = write_recipe(tmp_path, tiny_model, qlora_setup(), max_steps=1, **{"model.optimizer": {"name": "paged_adamw_8bit", "lr": 1e-2}})
+    recipe = write_recipe(tmp_path, tiny_model, qlora_setup(), max_steps=1, optimizer={"name": "paged_adamw_8bit", "lr": 1e-2})
     module = main(["fit", "--config", str(recipe)]).model
     assert all(p.abs().max() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)
 
@@ -237,13 +206,9 @@ def fsdp_fit(folder: Path, model: Path, max_steps: int, ckpt_path: str | None = 
         model,
         {"class_path": "relax_pl.setups.FSDP", "init_args": {"gradient_checkpointing": True}},
         max_steps=max_steps,
-        **{"model.sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0}},
+        callbacks=[{"class_path": "probes.ShardProbe", "init_args": {"out": str(folder / "probe")}}],
+        sampling={"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0},
     )
-    recipe_dict = yaml.safe_load(recipe.read_text())
-    recipe_dict["trainer"]["callbacks"].append(
-        {"class_path": "probes.ShardProbe", "init_args": {"out": str(folder / "probe")}}
-    )
-    recipe.write_text(yaml.safe_dump(recipe_dict))
     command = [sys.executable, "-m", "relax_pl", "fit", "--config", str(recipe),
                "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     if ckpt_path is not None:

@@ -22,7 +22,7 @@ from relax_pl.rollout import SamplingConfig
 from relax_pl.testing import VL_CHAT_TEMPLATE, save_tiny_vl_model
 from relax_pl.vision import ImageTextProcessor, VisionConfig, expand_image_tokens
 
-from probes import tensorboard_logs
+from probes import tensorboard_logs, tiny_recipe
 
 
 SYSTEM = "Given the images and the question, please reason step by step, and put your final answer within \\boxed{}."
@@ -33,65 +33,40 @@ def tiny_vl(tmp_path_factory) -> Path:
     return save_tiny_vl_model(tmp_path_factory.mktemp("vl") / "qwen2_5_vl", kind="qwen2_5_vl", seed=0)
 
 
-def write_recipe(folder: Path, pretrained: Path, **overrides) -> Path:
-    recipe = {
-        "seed_everything": 5,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 2,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "num_sanity_val_steps": 0,
-            "limit_val_batches": 1,
-            "val_check_interval": 2,
-            "default_root_dir": str(folder),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(folder), "name": "tb"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(folder / "checkpoints"), "save_last": True},
-                },
-                {
-                    "class_path": "relax_pl.callbacks.ImageSampleLogger",
-                    "init_args": {"every_n_steps": 1, "panel_size": 96},
-                },
-                {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": 4, "steps": 3, "batch_size": 8}},
-                {
-                    "class_path": "relax_pl.callbacks.LatentExploration",
-                    "init_args": {"xi_mode": "quantile", "kl_coef": 0.01, "n_min": 5, "gate_positive_only": False},
-                },
-            ],
+def write_recipe(folder: Path, pretrained: Path, **sections) -> Path:
+    """Two GRPO steps with the ReLaX callbacks on the built-in geometry figures, validation after the second."""
+    callbacks = [
+        {"class_path": "relax_pl.callbacks.ImageSampleLogger", "init_args": {"every_n_steps": 1, "panel_size": 96}},
+        {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": 4, "steps": 3, "batch_size": 8}},
+        {
+            "class_path": "relax_pl.callbacks.LatentExploration",
+            "init_args": {"xi_mode": "quantile", "kl_coef": 0.01, "n_min": 5, "gate_positive_only": False},
         },
-        "model": {
-            "pretrained": str(pretrained),
-            "reward": {"class_path": "relax_pl.rewards.Geo3kReward"},
-            "sampling": {"num_responses": 4, "max_new_tokens": 12, "temperature": 1.0, "max_prompt_tokens": 160},
-            "update": {"micro_batch_size": 4},
-            # a random model earns no reward (zero advantages): the entropy bonus makes the steps move the weights
-            "objective": {"entropy_coef": 0.01},
-            "optimizer": {"lr": 1e-3},
-            "validation": {"num_responses": 3, "temperature": 1.0},
-            "vision": {"max_pixels": 12544},  # a 224x224 figure becomes 112x112: 16 image tokens
-        },
-        "data": {
-            "train_source": "builtin:geometry",
-            "val_source": "builtin:geometry",
-            "task_options": {"num_samples": 8},
-            "image_key": "images",
-            "system_prompt": SYSTEM,
-            "batch_size": 2,
-            "val_batch_size": 2,
-        },
+    ]
+    model = {
+        "reward": {"class_path": "relax_pl.rewards.Geo3kReward"},
+        "sampling": {"num_responses": 4, "max_new_tokens": 12, "temperature": 1.0, "max_prompt_tokens": 160},
+        # a random model earns no reward (zero advantages): the entropy bonus makes the steps move the weights
+        "objective": {"entropy_coef": 0.01},
+        "validation": {"num_responses": 3, "temperature": 1.0},
+        "vision": {"max_pixels": 12544},  # a 224x224 figure becomes 112x112: 16 image tokens
+        **sections.pop("model", {}),
     }
-    for section, values in overrides.items():
-        recipe[section].update(values)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    data = {
+        "train_source": "builtin:geometry",
+        "val_source": "builtin:geometry",
+        "task_options": {"num_samples": 8},
+        "image_key": "images",
+        "system_prompt": SYSTEM,
+        "batch_size": 2,
+        "val_batch_size": 2,
+        **sections.pop("data", {}),
+    }
+    return tiny_recipe(
+        folder, pretrained, callbacks, seed=5,
+        trainer={"limit_val_batches": 1, "val_check_interval": 2},
+        model=model, data=data, **sections,
+    )
 
 
 @pytest.fixture(scope="module")
