@@ -376,7 +376,13 @@ class RLVRModule(L.LightningModule):
             if rollout.ref_logp is not None:
                 ref_logp = rollout.ref_logp[rows[selected], :width]
             else:
-                ref_logp = self.reference_logprobs(rollout, rows[selected])[:, :width]
+                known = rollout.ref_logp_of_rows
+                wanted = rows[selected].tolist()
+                missing = [row for row in wanted if row not in known]
+                if missing:
+                    computed = self.reference_logprobs(rollout, torch.tensor(missing, device=self.device))
+                    known.update(zip(missing, computed))
+                ref_logp = torch.stack([known[row][:width] for row in wanted]) if wanted else logp.new_zeros(0, width)
             return obj.kl_penalty(logp[selected], ref_logp, self.objective.kl_estimator)
 
         return kl_of

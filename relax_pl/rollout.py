@@ -70,7 +70,10 @@ class RolloutBatch:
     reward_components: dict[str, Tensor] = field(default_factory=dict)
     advantages: Tensor | None = None  # (N,)
     old_logp: Tensor | None = None  # (N, T); None when the update is on-policy in one pass
-    ref_logp: Tensor | None = None  # (N, T)
+    ref_logp: Tensor | None = None  # (N, T), when computed for every response before the update
+    # otherwise the reference log-probs of the rows callbacks selected during the update, row -> (T,), so that
+    # PPO epochs that revisit a row do not run the reference again
+    ref_logp_of_rows: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def responses(self) -> Tensor:
@@ -101,6 +104,7 @@ class RolloutBatch:
             advantages=pick(self.advantages),
             old_logp=pick(self.old_logp),
             ref_logp=pick(self.ref_logp),
+            ref_logp_of_rows={},  # keyed by the old row numbers
         )
 
     def forward_inputs(self, rows: Tensor, width: int) -> dict[str, Tensor]:

@@ -170,8 +170,13 @@ def test_reference_kl_of_selected_rows_equals_the_up_front_kl(tiny, monkeypatch)
     monkeypatch.setattr(module, "policy_forward", spy)
     lazy = module.reference_kl(rollout, rows, logp)(selected)
     assert sorted(reference_rows) == [1, 4, 8]  # the selected rows only
-    rollout.ref_logp = module.reference_logprobs(rollout, torch.arange(len(rollout)))
-    up_front = module.reference_kl(rollout, rows, logp)(selected)
+    # a second PPO epoch over the same rows runs the reference only for rows it had not selected before
+    again = module.reference_kl(rollout, rows, logp)(torch.tensor([True, True, False, False, True]))
+    assert sorted(reference_rows) == [0, 1, 4, 8]
+    torch.testing.assert_close(again[[0, 2]], lazy[[0, 2]])
+    assert module.reference_kl(rollout, rows, logp)(torch.zeros(5, dtype=torch.bool)).shape == (0, logp.shape[1])
+    up_front_rollout = replace(rollout, ref_logp=module.reference_logprobs(rollout, torch.arange(len(rollout))))
+    up_front = module.reference_kl(up_front_rollout, rows, logp)(selected)
     mask = rollout.response_mask[rows[selected], : logp.shape[1]]
     assert lazy.shape == up_front.shape == (3, logp.shape[1])
     assert float((up_front * mask).sum()) > 1e-3  # the two policies differ
