@@ -18,7 +18,6 @@ import time
 import torch
 
 from relax_pl.cli import main
-from relax_pl.module import RLVRModule
 from relax_pl.rollout import generate
 
 
@@ -56,9 +55,10 @@ def run() -> None:
                      module.sampling, num_responses=1)
 
     def update(shared: bool) -> None:
-        module.shares_prompt_prefix = (lambda *a: RLVRModule.shares_prompt_prefix(module, *a)) if shared else (
-            lambda *a: False
-        )
+        if shared:
+            vars(module).pop("shares_prompt_prefix", None)  # RLVRModule's own decision
+        else:
+            module.shares_prompt_prefix = lambda *args: False
         for rows in torch.arange(len(rollout)).split(module.update.micro_batch_size):
             logp, _, mask, _ = module.policy_forward(module.policy, rollout, rows)
             (logp * mask).sum().backward()

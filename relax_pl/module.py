@@ -457,17 +457,17 @@ class RLVRModule(L.LightningModule):
         loss = pg_loss
         reference_kl = self.reference_kl(rollout, rows, logp) if self.needs_reference else None
         kl = None if rollout.ref_logp is None else obj.kl_penalty(logp, rollout.ref_logp[rows, :width], cfg.kl_estimator)
-        stats = {
-            "actor/pg_loss": float(pg_loss.detach()) / share,
-            "actor/entropy": float(obj.masked_mean(entropy.detach(), mask)),
-            "actor/pg_clipfrac_lower": float(obj.masked_mean(clip["clipped_low"].float(), mask)),
-            "actor/pg_clipfrac_higher": float(obj.masked_mean(clip["clipped_high"].float(), mask)),
-            "actor/ppo_kl": float(obj.masked_mean(clip["approx_kl"], mask)),
+        stats = {  # detached tensors: read once per step (MeanAccumulator), not at every micro-batch
+            "actor/pg_loss": pg_loss.detach() / share,
+            "actor/entropy": obj.masked_mean(entropy.detach(), mask),
+            "actor/pg_clipfrac_lower": obj.masked_mean(clip["clipped_low"].float(), mask),
+            "actor/pg_clipfrac_higher": obj.masked_mean(clip["clipped_high"].float(), mask),
+            "actor/ppo_kl": obj.masked_mean(clip["approx_kl"].detach(), mask),
         }
         stats["actor/pg_clipfrac"] = stats["actor/pg_clipfrac_lower"] + stats["actor/pg_clipfrac_higher"]
         if kl is not None:
             kl_loss = obj.aggregate(kl, mask, cfg.loss_agg, normaliser)
-            stats["actor/kl_loss"] = float(kl_loss.detach()) / share
+            stats["actor/kl_loss"] = kl_loss.detach() / share
             if cfg.kl_coef > 0:
                 loss = loss + cfg.kl_coef * kl_loss
         if cfg.entropy_coef > 0:
@@ -488,7 +488,7 @@ class RLVRModule(L.LightningModule):
                 continue
             for name, value in terms.losses.items():
                 loss = loss + share * value
-                stats[name] = float(value.detach())
+                stats[name] = value.detach()
             stats.update({k: float(v) for k, v in terms.metrics.items()})
         return loss, stats
 
@@ -679,20 +679,22 @@ class PhaseTimer:
 
 
 class MeanAccumulator:
-    """Weighted means of per-micro-batch statistics."""
+    """Weighted means of per-micro-batch statistics. Tensor values stay on their device until :meth:`means`, so
+    the update loop does not wait for the device at every micro-batch; NaN floats (undefined statistics) are
+    left out."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, float | Tensor] = defaultdict(float)
         self.weights: dict[str, float] = defaultdict(float)
 
-    def add(self, values: dict[str, float], weight: float = 1.0) -> None:
+    def add(self, values: dict[str, float | Tensor], weight: float = 1.0) -> None:
         for k, v in values.items():
-            if not math.isnan(v):
-                self.sums[k] += v * weight
+            if isinstance(v, Tensor) or not math.isnan(v):
+                self.sums[k] = self.sums[k] + v * weight
                 self.weights[k] += weight
 
     def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.weights[k] for k in self.sums}
+        return {k: float(self.sums[k]) / self.weights[k] for k in self.sums}
 
 
 @contextmanager
