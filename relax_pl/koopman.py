@@ -1,7 +1,7 @@
 """Koopman latent dynamics for ReLaX: dictionary, DMD operator, spectrum, DSD and the dictionary fit.
 
 Pure math, no Lightning. Equations are those of the paper (arXiv 2512.07558) as settled in
-docs/relax-method.md sections 2-3: ridge DMD in float64, eigenvalue spectrum, population variance, each
+docs/method.md sections 2-3: ridge DMD in float64, eigenvalue spectrum, population variance, each
 response on its own transitions, and a compatibility mode reproducing the authors' pre-release code.
 """
 
@@ -71,14 +71,35 @@ def spectrum_magnitudes(K: Tensor, spectrum: Spectrum = "eig") -> Tensor:
 
 def _snapshots(g: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
     """Snapshots ``X = g(x_t)``, ``Y = g(x_{t+1})`` in float64 from the lifted (B, T, m) ``g`` (rows are time,
-    relax-method.md sec. 2); rows of transitions outside ``pairs`` (B, T-1) are exactly zero, so they add
+    docs/method.md section 2); rows of transitions outside ``pairs`` (B, T-1) are exactly zero, so they add
     nothing to any Gram matrix."""
     g, keep = g.double(), pairs[..., None]
     return torch.where(keep, g[:, :-1], 0.0), torch.where(keep, g[:, 1:], 0.0)
 
 
+def resolve_n_min(m: int, n_min: Optional[int]) -> int:
+    """The fewest own transitions a response needs for a defined DSD: ``n_min`` (default 2m), never below m+1."""
+    n_min = 2 * m if n_min is None else n_min
+    if n_min < m + 1:
+        raise ValueError(f"n_min={n_min} is below the floor m+1={m + 1}: with fewer transitions K is rank-deficient")
+    return n_min
+
+
+def has_dsd(mask: Tensor, m: int, n_min: Optional[int] = None) -> Tensor:
+    """(B,) bool: which responses have a defined DSD, i.e. at least ``n_min`` own transitions (pairs t, t+1 both
+    in ``mask``). Depends on the lengths only, so it is known before any forward."""
+    own = mask[:, :-1] & mask[:, 1:]
+    return own.sum(-1) >= resolve_n_min(m, n_min)
+
+
 def _valid_operators(
-    hidden: Tensor, mask: Tensor, dictionary: KoopmanDictionary, eps: float, n_min: Optional[int], spectrum: Spectrum
+    hidden: Tensor,
+    mask: Tensor,
+    dictionary: KoopmanDictionary,
+    eps: float,
+    n_min: Optional[int],
+    spectrum: Spectrum,
+    padded_length: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Ridge K of every response with at least ``n_min`` own transitions, and the (B,) validity mask."""
     if spectrum not in ("eig", "sv_compat"):
@@ -91,19 +112,21 @@ def _valid_operators(
     d, m = dictionary.proj.in_features, dictionary.proj.out_features
     if hidden.shape[-1] != d:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match the dictionary's d={d}")
-    n_min = 2 * m if n_min is None else n_min
-    if n_min < m + 1:
-        raise ValueError(f"n_min={n_min} is below the floor m+1={m + 1}: with fewer transitions K is rank-deficient")
-    own = mask[:, :-1] & mask[:, 1:]  # each response's own consecutive tokens
-    valid = own.sum(-1) >= n_min
-    if spectrum == "sv_compat":
-        # authors' layout: every response zero-padded to the batch's longest, padded g(0) = 0.5 rows included
-        length = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax()
-        pairs = (torch.arange(mask.shape[1] - 1, device=mask.device) < length - 1).expand_as(own)
-    else:
-        pairs = own
+    valid = has_dsd(mask, m, n_min)
     # where, not multiplication: garbage (even NaN) in unmasked slots must reach neither the lift nor a gradient
-    X, Y = _snapshots(dictionary(torch.where(mask[..., None], hidden, 0.0)), pairs)
+    lifted = dictionary(torch.where(mask[..., None], hidden, 0.0))
+    if spectrum == "sv_compat":
+        # authors' layout: every response zero-padded to one length (verl pads responses to the maximum response
+        # length), each padded slot lifting to g(0) = 0.5 whatever W is, and every pair of rows a transition
+        length = int(padded_length) if padded_length is not None else int((mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax())
+        if length > lifted.shape[1]:
+            padding = lifted.new_full((lifted.shape[0], length - lifted.shape[1], m), 0.5)
+            lifted = torch.cat([lifted, padding], dim=1)
+        lifted = lifted[:, :length]
+        pairs = torch.ones(lifted.shape[0], max(length - 1, 0), dtype=torch.bool, device=mask.device)
+    else:
+        pairs = mask[:, :-1] & mask[:, 1:]  # each response's own consecutive tokens
+    X, Y = _snapshots(lifted, pairs)
     # Invalid rows leave before the m x m algebra: their hidden states get exactly zero gradient, and their
     # rank-deficient K (a repeated zero eigenvalue, where eigvals has no derivative) never reaches eigvals.
     X, Y = X[valid], Y[valid]
@@ -118,14 +141,18 @@ def dsd(
     eps: float = 1e-3,
     n_min: Optional[int] = None,
     spectrum: Spectrum = "eig",
+    padded_length: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Dynamic Spectral Dispersion ``DSD(x) = Var(|Lambda|)`` per response (paper Eq. 6), differentiable in ``hidden``.
 
     "eig": population variance (ddof=0) of the eigenvalue magnitudes of the ridge K built from each response's
     own transitions (pairs t, t+1 both in ``mask``). "sv_compat": the authors' pre-release code, for comparison
     with the paper's figures and its xi = 25: ``sqrt(S^2 + 1e-3)`` of K's singular values, ddof=1, every response
-    zero-padded to the batch's longest one before the lift (the ridge K is the same: the authors' code also
-    solves ``X^T X + 1e-3 I``). Validity, from each response's own transitions, is the same in both modes.
+    zero-padded to ``padded_length`` positions before the lift, every consecutive pair a transition (the ridge K
+    is the same: the authors' code also solves ``X^T X + 1e-3 I``). Pass the sampling limit
+    (``max_new_tokens``): verl, which the authors' code extends, pads responses to it, and a fixed length keeps a
+    response's DSD independent of which other responses share its batch. Validity, from each response's own
+    transitions, is the same in both modes (docs/method.md, "Spectrum and units").
 
     Args:
         hidden: (B, T, d) final-norm hidden states at response positions; unmasked slots may hold anything.
@@ -134,6 +161,7 @@ def dsd(
         eps: ridge of ``X^T X``.
         n_min: fewest own transitions for a defined DSD (default 2m, floor m+1).
         spectrum: "eig" or "sv_compat".
+        padded_length: "sv_compat" only; default: the longest response of ``mask`` (depends on the batch).
 
     Returns:
         ``(values, valid)``: (B,) float64 DSD on ``hidden``'s device, 0.0 where invalid (those rows get no
@@ -144,7 +172,7 @@ def dsd(
     Raises:
         ValueError: on mismatched shapes or ``n_min < m + 1``.
     """
-    K, valid = _valid_operators(hidden, mask, dictionary, eps, n_min, spectrum)
+    K, valid = _valid_operators(hidden, mask, dictionary, eps, n_min, spectrum, padded_length)
     values = torch.zeros(hidden.shape[0], dtype=torch.float64, device=hidden.device)
     if K.shape[0] == 0:
         return values, valid
@@ -168,7 +196,7 @@ def koopman_eigenvalues(
 
 def resdmd_residual(X: Tensor, Y: Tensor, eps: float) -> Tensor:
     """Normalised ResDMD residual per trajectory, ``sum_j ||Y v_j - lambda_j X v_j||^2 / ||X v_j||^2``
-    (relax-method.md sec. 3; paper Eq. 8), evaluated on m x m Gram matrices as in supp. Eq. 12:
+    (docs/method.md section 3; paper Eq. 8), evaluated on m x m Gram matrices as in supp. Eq. 12:
     ``v^H (Y^T Y - lambda Y^T X - conj(lambda) X^T Y + |lambda|^2 X^T X) v / v^H X^T X v``.
     The eigenpairs of the ridge K are computed without gradient, so only the lift moves; normalising by
     ``||X v_j||^2`` removes the trivial minimiser of saturated, near-constant features."""
@@ -234,7 +262,7 @@ def fit_dictionary(
     eps: float = 1e-3,
     seed: int = 0,
 ) -> FitReport:
-    """Fit ``W`` by Adam on the normalised ResDMD residual (relax-method.md sec. 3; paper Algorithm 1,
+    """Fit ``W`` by Adam on the normalised ResDMD residual (docs/method.md section 3; paper Algorithm 1,
     FitKoopmanDict: Adam, lr 1e-4, batch 64 trajectories), then freeze the dictionary (``requires_grad=False``).
 
     Each step samples ``batch_size`` trajectories without replacement from a generator seeded with ``seed``.

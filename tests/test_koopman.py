@@ -1,4 +1,4 @@
-"""relax_pl.koopman against independent numpy references (relax-method.md sections 2-3)."""
+"""relax_pl.koopman against independent numpy references (docs/method.md sections 2-3)."""
 
 from __future__ import annotations
 
