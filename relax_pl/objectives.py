@@ -2,7 +2,7 @@
 
 Every function works on plain tensors. Shapes: ``N`` responses, ``T`` response positions; per-token tensors
 are ``(N, T)`` with a boolean ``mask`` that is True on real response tokens. Equations refer to
-relax-method.md section 1 and to the papers named in each docstring.
+docs/method.md section 1 and to the papers named in each docstring.
 """
 
 from __future__ import annotations
@@ -109,16 +109,18 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _covariance_scores(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
-    """Centred per-token ``(logp - mean logp)(A - mean A)`` over the valid tokens (Cui et al. 2505.22617, Eq. 11)."""
+def covariance_scores(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """Centred per-token ``(logp - mean logp)(A - mean A)``, means over the valid tokens of the whole batch given
+    (Cui et al. 2505.22617, Eq. 11); ``-inf`` on padding. Pass the whole mini-batch, not one micro-batch."""
     adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.ndim == 1 else advantages
-    lp, a = logp.detach()[mask], adv.detach()[mask]
-    scores = torch.full_like(logp, float("-inf"))
+    lp = logp.detach()[mask]
+    a = adv.detach().to(lp.dtype)[mask]
+    scores = torch.full_like(logp.detach(), float("-inf"))
     scores[mask] = (lp - lp.mean()) * (a - a.mean())
     return scores
 
 
-def clip_cov_surrogate(
+def clip_cov_selection(
     logp: Tensor,
     old_logp: Tensor,
     advantages: Tensor,
@@ -128,47 +130,58 @@ def clip_cov_surrogate(
     clip_ratio: float = 2e-4,
     cov_bounds: tuple[float, float] = (1.0, 5.0),
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clip-Cov (Cui et al. 2505.22617, Sec. 5): the clipped surrogate, with the gradient of a random
-    ``clip_ratio`` fraction of the tokens whose log-prob/advantage covariance lies in ``cov_bounds`` detached."""
-    loss, stats = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
-    scores = _covariance_scores(logp, advantages, mask)
-    candidates = ((scores >= cov_bounds[0]) & (scores <= cov_bounds[1])).nonzero()
+) -> Tensor:
+    """The tokens whose gradient Clip-Cov detaches (Cui et al. 2505.22617, Sec. 5), ``(N, T)`` bool: a random
+    ``max(int(clip_ratio * n_tokens), 1)`` of the tokens whose covariance score lies in ``cov_bounds``, drawn
+    among those the PPO clip has not already zeroed (as the reference implementation does). Computed over the
+    whole mini-batch, so the budget, the centring and the draw do not depend on micro-batching."""
+    _, clip = clipped_surrogate(logp.detach(), old_logp, advantages, clip_low, clip_high)
+    scores = covariance_scores(logp, advantages, mask)
+    in_bounds = (scores >= cov_bounds[0]) & (scores <= cov_bounds[1])
+    candidates = (in_bounds & mask & ~clip["clipped_low"] & ~clip["clipped_high"]).nonzero()
     n_clip = min(len(candidates), max(int(clip_ratio * int(mask.sum())), 1))
     selected = torch.zeros_like(mask)
     if len(candidates):
         pick = torch.randperm(len(candidates), generator=generator, device="cpu")[:n_clip].to(candidates.device)
         rows, cols = candidates[pick].unbind(-1)
         selected[rows, cols] = True
-        loss = torch.where(selected, loss.detach(), loss)
-    stats["cov_selected"] = selected
-    return loss, stats
+    return selected
 
 
-def kl_cov_surrogate(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    kl_ratio: float = 2e-3,
-    kl_coef: float = 1.0,
+def clip_cov_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float, selected: Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """KL-Cov (Cui et al. 2505.22617, Sec. 5): the unclipped policy-gradient loss ``-rho A`` plus a penalty
-    ``kl_coef * |logp - old_logp|`` on the top ``kl_ratio`` fraction of tokens by log-prob/advantage covariance."""
-    adv = advantages.unsqueeze(-1) if advantages.ndim == 1 else advantages
-    ratio = torch.exp(logp - old_logp)
-    loss = -ratio * adv
-    scores = _covariance_scores(logp, advantages, mask)
+    """Clip-Cov: the clipped surrogate with the gradient of the ``selected`` tokens (:func:`clip_cov_selection`)
+    detached."""
+    loss, stats = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+    stats["cov_selected"] = selected
+    return torch.where(selected, loss.detach(), loss), stats
+
+
+def kl_cov_selection(logp: Tensor, advantages: Tensor, mask: Tensor, kl_ratio: float = 2e-3) -> Tensor:
+    """The tokens KL-Cov penalises (Cui et al. 2505.22617, Sec. 5), ``(N, T)`` bool: the top
+    ``max(int(kl_ratio * n_tokens), 1)`` tokens of the whole mini-batch by covariance score."""
+    scores = covariance_scores(logp, advantages, mask)
     k = min(max(int(kl_ratio * int(mask.sum())), 1), int(mask.sum()))
     selected = torch.zeros_like(mask)
     if k:
-        top = scores.flatten().topk(k).indices
-        selected.view(-1)[top] = True
-        loss = torch.where(selected, loss + kl_coef * (logp - old_logp).abs(), loss)
+        selected.view(-1)[scores.flatten().topk(k).indices] = True
+    return selected
+
+
+def kl_cov_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, selected: Tensor, kl_coef: float = 1.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """KL-Cov: the unclipped policy-gradient loss ``-rho A`` plus ``kl_coef * |logp - old_logp|`` on the
+    ``selected`` tokens (:func:`kl_cov_selection`). The penalty and its gradient are zero until the policy has
+    moved away from the one that sampled (a second mini-batch or PPO epoch)."""
+    adv = advantages.unsqueeze(-1) if advantages.ndim == 1 else advantages
+    ratio = torch.exp(logp - old_logp)
+    loss = torch.where(selected, -ratio * adv + kl_coef * (logp - old_logp).abs(), -ratio * adv)
     with torch.no_grad():
         stats = {
-            "clipped_low": torch.zeros_like(mask),
-            "clipped_high": torch.zeros_like(mask),
+            "clipped_low": torch.zeros_like(selected),
+            "clipped_high": torch.zeros_like(selected),
             "approx_kl": old_logp - logp,
             "cov_selected": selected,
         }
@@ -176,7 +189,8 @@ def kl_cov_surrogate(
 
 
 def _logprob_entropy_chunk(hidden: Tensor, tokens: Tensor, head: Callable[[Tensor], Tensor], temperature: float):
-    logits = head(hidden).float() / temperature
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16/fp16 -> float32
     log_z = logits.logsumexp(-1)
     logp = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_z
     entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)

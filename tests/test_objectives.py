@@ -113,13 +113,31 @@ def test_clip_cov_detaches_only_selected_tokens():
     logp = torch.randn(4, 6).requires_grad_()
     mask = torch.ones(4, 6, dtype=torch.bool)
     adv = torch.tensor([3.0, -3.0, 2.0, -2.0])
-    loss, stats = obj.clip_cov_surrogate(
-        logp, logp.detach(), adv, mask, 0.2, 0.2, clip_ratio=0.2, cov_bounds=(-1e9, 1e9)
-    )
+    selected = obj.clip_cov_selection(logp, logp.detach(), adv, mask, 0.2, 0.2, clip_ratio=0.2, cov_bounds=(-1e9, 1e9))
+    loss, stats = obj.clip_cov_surrogate(logp, logp.detach(), adv, 0.2, 0.2, selected)
     loss.sum().backward()
-    selected = stats["cov_selected"]
     assert int(selected.sum()) == 4  # 20% of 24 tokens
+    assert torch.equal(stats["cov_selected"], selected)
     assert (logp.grad[selected] == 0).all() and (logp.grad[~selected] != 0).all()
+
+
+def test_clip_cov_never_spends_its_budget_on_tokens_the_clip_already_zeroed():
+    """Tokens whose ratio the PPO clip cuts (no gradient anyway) are not candidates, as in the reference code: the
+    whole budget goes to tokens that still have a gradient."""
+    generator = torch.Generator().manual_seed(1)
+    old = torch.randn(8, 10, generator=generator)
+    logp = old + 0.5 * torch.randn(8, 10, generator=generator)  # many ratios outside [0.8, 1.2]
+    adv = torch.tensor([1.0, -1.0] * 4)
+    mask = torch.ones(8, 10, dtype=torch.bool)
+    _, clip = obj.clipped_surrogate(logp, old, adv, 0.2, 0.2)
+    clipped = clip["clipped_low"] | clip["clipped_high"]
+    assert clipped.sum() > 20
+    for seed in range(20):
+        selected = obj.clip_cov_selection(
+            logp, old, adv, mask, 0.2, 0.2, clip_ratio=0.25, cov_bounds=(-1e9, 1e9),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        assert int(selected.sum()) == 20 and not (selected & clipped).any()
 
 
 def test_kl_cov_penalises_the_top_covariance_tokens():
@@ -127,9 +145,24 @@ def test_kl_cov_penalises_the_top_covariance_tokens():
     old = logp.detach() - 0.1
     adv = torch.tensor([1.0, -1.0])
     mask = torch.ones(2, 2, dtype=torch.bool)
-    loss, stats = obj.kl_cov_surrogate(logp, old, adv, mask, kl_ratio=0.25, kl_coef=1.0)
+    selected = obj.kl_cov_selection(logp, adv, mask, kl_ratio=0.25)
+    loss, stats = obj.kl_cov_surrogate(logp, old, adv, selected, kl_coef=1.0)
     # covariance: (lp - mean lp)(A - mean A); mean lp = -1.45, mean A = 0 -> row 0 tok 0: 1.35 (largest)
-    assert stats["cov_selected"].tolist() == [[True, False], [False, False]]
+    assert selected.tolist() == [[True, False], [False, False]]
     ratio = math.exp(0.1)
     assert float(loss[0, 0]) == pytest.approx(-ratio * 1.0 + 0.1, rel=1e-5)
     assert float(loss[1, 1]) == pytest.approx(ratio * 1.0, rel=1e-5)
+
+
+def test_covariance_selections_are_over_the_whole_mini_batch():
+    """Centring, budget and top-k over the mini-batch: the selection of a mini-batch is not the union of its
+    micro-batches' selections (which is what a per-micro-batch computation would give)."""
+    generator = torch.Generator().manual_seed(2)
+    logp = torch.randn(6, 8, generator=generator) - torch.arange(6)[:, None].float()
+    adv = torch.tensor([2.0, 1.0, 0.5, -0.5, -1.0, -2.0])
+    mask = torch.ones(6, 8, dtype=torch.bool)
+    whole = obj.kl_cov_selection(logp, adv, mask, kl_ratio=0.125)
+    parts = torch.cat([obj.kl_cov_selection(logp[r], adv[r], mask[r], kl_ratio=0.125) for r in ([0, 1, 2], [3, 4, 5])])
+    assert int(whole.sum()) == 6 and not torch.equal(whole, parts)
+    scores = obj.covariance_scores(logp, adv, mask)
+    assert torch.equal(whole.flatten(), torch.zeros(48, dtype=torch.bool).index_fill(0, scores.flatten().topk(6).indices, True))
