@@ -17,12 +17,12 @@ from relax_pl.rollout import RolloutBatch
 
 class KoopmanFit(RLVRCallback):
     """Fits ``W`` of the Koopman dictionary ``g(x) = sigmoid(x W)`` on the first step's response hidden states,
-    then freezes it (relax-method.md section 3; paper Algorithm 1, FitKoopmanDict).
+    then freezes it (docs/method.md section 3; paper Algorithm 1, FitKoopmanDict).
 
     The fit runs at the first ``on_rollout_end``, on the detached final-norm hidden states of at most
     ``max_trajectories`` responses (a seeded random subset of the rollout). The fitted ``W``, the fitted flag and
-    the calibration other callbacks store here (LatentExploration's first-step DSD median) are this callback's
-    ``state_dict``: they are saved in every checkpoint and restored on resume, so a resumed run never refits.
+    the fit report are this callback's ``state_dict``: they are saved in every checkpoint and restored on resume,
+    so a resumed run never refits.
     Under several ranks every rank computes hidden states (a sharded forward is collective), rank 0 fits, and
     ``W`` is broadcast.
 
@@ -59,7 +59,6 @@ class KoopmanFit(RLVRCallback):
         self.dictionary: KoopmanDictionary | None = None
         self.fitted = False
         self.report: dict[str, float] = {}
-        self.calibration: dict[str, float] = {}  # written by LatentExploration (xi_mode="relative")
         # The fitted-on trajectories, kept only until the end of the step that fitted (for calibrations).
         self.first_trajectories: list[Tensor] | None = None
 
@@ -132,9 +131,17 @@ class KoopmanFit(RLVRCallback):
         return self.dictionary
 
     def dsd_of(
-        self, trajectories: list[Tensor], *, eps: float, n_min: int | None, spectrum: str, chunk: int = 64
+        self,
+        trajectories: list[Tensor],
+        *,
+        eps: float,
+        n_min: int | None,
+        spectrum: str,
+        padded_length: int | None = None,
+        chunk: int = 64,
     ) -> tuple[Tensor, Tensor]:
-        """Detached DSD and validity of ``(T_i, d)`` trajectories, computed in chunks."""
+        """Detached DSD and validity of ``(T_i, d)`` trajectories, computed in chunks (``padded_length``: see
+        :func:`relax_pl.koopman.dsd`)."""
         values, valid = [], []
         with torch.no_grad():
             for i in range(0, len(trajectories), chunk):
@@ -142,7 +149,10 @@ class KoopmanFit(RLVRCallback):
                 hidden = nn.utils.rnn.pad_sequence(part, batch_first=True)
                 lengths = torch.tensor([t.shape[0] for t in part], device=hidden.device)
                 mask = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]
-                d, v = dsd(hidden, mask, self.dictionary_on(hidden.device), eps=eps, n_min=n_min, spectrum=spectrum)
+                d, v = dsd(
+                    hidden, mask, self.dictionary_on(hidden.device), eps=eps, n_min=n_min, spectrum=spectrum,
+                    padded_length=padded_length,
+                )
                 values.append(d)
                 valid.append(v)
         return torch.cat(values), torch.cat(valid)
@@ -150,7 +160,7 @@ class KoopmanFit(RLVRCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         weight = None if self.dictionary is None else self.dictionary.proj.weight.detach().cpu()
-        return {"weight": weight, "fitted": self.fitted, "report": dict(self.report), "calibration": dict(self.calibration)}
+        return {"weight": weight, "fitted": self.fitted, "report": dict(self.report)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -158,7 +168,6 @@ class KoopmanFit(RLVRCallback):
             self.set_weight(state_dict["weight"])
         self.fitted = bool(state_dict.get("fitted", False)) and self.dictionary is not None
         self.report = dict(state_dict.get("report", {}))
-        self.calibration = dict(state_dict.get("calibration", {}))
 
 
 def log_metrics(trainer: L.Trainer, metrics: dict[str, float]) -> None:

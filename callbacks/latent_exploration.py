@@ -1,9 +1,10 @@
-"""LatentExploration: the ReLaX loss terms (paper Eq. 10-11 as a loss; relax-method.md section 4)."""
+"""LatentExploration: the ReLaX loss terms (paper Eq. 10-11 as a loss; docs/method.md section 4)."""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import lightning as L
@@ -11,54 +12,117 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from relax_pl import objectives as obj
 from relax_pl.callbacks.koopman_fit import KoopmanFit, find_koopman_fit
-from relax_pl.extension import LossTerms, PolicyForward, RLVRCallback
-from relax_pl.koopman import dsd
+from relax_pl.extension import LossTerms, MiniBatch, PolicyForward, RLVRCallback
+from relax_pl.koopman import dsd, has_dsd, resolve_n_min
 from relax_pl.rollout import RolloutBatch
-
-CALIBRATION_KEY = "first_step_dsd_median"
 
 
 def latent_exploration_loss(
-    dispersion: Tensor, valid: Tensor, over: Tensor, advantages: Tensor, group_index: Tensor
+    dispersion: Tensor,
+    valid: Tensor,
+    over: Tensor,
+    advantages: Tensor,
+    group_index: Tensor,
+    *,
+    outside_log_sum: Tensor | None = None,
+    group_valid_count: Tensor | None = None,
+    num_groups: int | None = None,
 ) -> Tensor:
-    """Advantage-shaped log-mean-exp of DSD (paper Eq. 10), a loss to minimise:
-    ``L_xp = mean_g [ logsumexp_{i in g}(-z_i) - log n_g ]``, ``z_i = max(A_i, 0) * (sg(D_i) if over_i else D_i)``.
+    """The share of the rows given of the advantage-shaped log-mean-exp of DSD (paper Eq. 10), a loss to minimise:
 
-    Each group ``g`` holds the valid responses of one prompt present in ``dispersion`` (``n_g`` of them); invalid
-    responses (no defined DSD) are left out of their group, a group without a valid response is left out of the
-    mean, and with no valid response at all the loss is 0. Descending it raises ``D_i`` only where ``A_i > 0``
-    and the response is not over-dispersed (``sg`` is stop-gradient).
+    ``L_xp = (1/G) sum_g [ LSE_g - log n_g ]``, ``LSE_g = log sum_{j in g} exp(-z_j)``,
+    ``z_j = max(A_j, 0) * (sg(D_j) if over_j else D_j)``,
+
+    over the ``G`` groups (prompts) of the mini-batch that have a valid response (a defined DSD), ``n_g`` valid
+    responses each; invalid responses and groups without a valid one take no part. Descending it raises ``D_i``
+    only where ``A_i > 0`` and the response is not over-dispersed (``sg`` is stop-gradient).
+
+    A group may be spread over several micro-batches. Each row's share is
+    ``(w_i / G) (LSE_g - log n_g - z_i + sg(z_i))`` with the softmin weight ``w_i = exp(-sg(z_i) - LSE_g)``: since
+    the ``w_i`` of a group add up to 1, the shares of all micro-batches add up to ``L_xp`` in value and in
+    gradient (``dL_xp/dz_i = -w_i / G``), whatever the cut. The whole-group ``LSE_g`` needs the detached ``z_j`` of
+    the group's other rows: ``outside_log_sum`` (per row: ``log sum exp(-z_j)`` over its group's valid rows that are
+    not given here, ``-inf`` when there are none), ``group_valid_count`` (per row: ``n_g``) and ``num_groups``
+    (``G``). Left out, the rows given are taken to be the whole mini-batch.
     """
     z = advantages.clamp(min=0).to(dispersion.dtype) * torch.where(over, dispersion.detach(), dispersion)
-    groups = group_index[valid].unique()
-    if groups.numel() == 0:
+    z_detached = z.detach()
+    groups, inverse = group_index.unique(return_inverse=True)
+    member = (inverse[None, :] == torch.arange(len(groups), device=inverse.device)[:, None]) & valid[None, :]  # (G', B)
+    present_log_sum = torch.where(member, -z_detached[None, :], -math.inf).logsumexp(-1)[inverse]
+    if outside_log_sum is None:
+        outside_log_sum = torch.full_like(present_log_sum, -math.inf)
+    log_sum = torch.logaddexp(present_log_sum, outside_log_sum.to(present_log_sum.dtype))
+    if group_valid_count is None:
+        group_valid_count = member.sum(-1)[inverse]
+    if num_groups is None:
+        num_groups = int(member.any(-1).sum())
+    if num_groups == 0 or not valid.any():
         return dispersion.new_zeros(())
-    member = (group_index[None, :] == groups[:, None]) & valid[None, :]  # (G, B)
-    log_mean_exp = torch.where(member, -z[None, :], -math.inf).logsumexp(-1) - member.sum(-1).to(z.dtype).log()
-    return log_mean_exp.mean()
+    weight = torch.exp(-z_detached - log_sum)
+    per_row = weight * (log_sum - group_valid_count.to(z.dtype).clamp(min=1).log() - z + z_detached)
+    return torch.where(valid, per_row, 0.0).sum() / num_groups
+
+
+@dataclass
+class MiniBatchDispersion:
+    """What LatentExploration knows of a mini-batch before its first micro-batch."""
+
+    num_groups: int  # groups with at least one valid response
+    group_index: Tensor  # (N,) over the rollout's rows: the prompt group
+    advantages: Tensor  # (N,)
+    valid: Tensor  # (N,) has a defined DSD (rows of this mini-batch only)
+    group_valid_count: Tensor  # (N,) n_g of each row's group
+    known: Tensor  # (N,) detached DSD of rows measured ahead (NaN elsewhere)
+    xi: float | None = None  # the quantile bound over the mini-batch, when measured ahead
+
+
+@dataclass
+class StepRecord:
+    """Per-step sums for the metrics LatentExploration logs at the end of each step."""
+
+    dsd: list[Tensor] = field(default_factory=list)
+    l_xp: float = 0.0
+    mini_batches: int = 0
+    rows: int = 0
+    valid: int = 0
+    gated: int = 0
+    xi: list[float] = field(default_factory=list)
+    xp_grad_sq: Tensor | float = 0.0
+    rest_grad_sq: Tensor | float = 0.0
+    seconds: float = 0.0
 
 
 class LatentExploration(RLVRCallback):
-    """Adds ReLaX's latent-exploration term and its adaptive (gated) KL to every policy-update micro-batch.
+    """Adds ReLaX's latent-exploration term and its adaptive (gated) KL to the policy update (paper Eq. 11).
 
-    Per micro-batch, with ``D_i`` the DSD of response ``i`` under KoopmanFit's frozen dictionary and
-    ``a_i = max(A_i, 0)``: ``over_i = valid_i and D_i > xi`` (detached); the loss gains
-    ``alpha * L_xp`` (:func:`latent_exploration_loss`) and ``kl_coef * aggregate(KL * gate)`` with
-    ``gate_i = over_i`` (and ``A_i > 0`` when ``gate_positive_only``, as in the authors' code; False gives the
-    paper's set I). The KL is the module's per-token k3 KL to the reference, aggregated as the policy loss is.
+    With ``D_i`` the DSD of response ``i`` under KoopmanFit's frozen dictionary, measured on the current policy's
+    final-norm hidden states, and ``a_i = max(A_i, 0)``: ``over_i = valid_i and D_i > xi`` (detached); the loss
+    gains ``alpha * L_xp`` (:func:`latent_exploration_loss`, over whole prompt groups) and ``kl_coef`` times the
+    per-token KL to the reference of the gated responses (``gate_i = over_i``, and ``A_i > 0`` when
+    ``gate_positive_only``, as in the authors' code; False gives the paper's set I), aggregated exactly as the
+    policy loss is. Neither depends on ``model.update.micro_batch_size``: a group that micro-batches split has the
+    DSDs of its other rows measured ahead, by a no-grad forward over those rows at the start of the optimiser
+    step (free when micro-batches hold whole groups).
 
     The threshold ``xi`` (in the units of ``spectrum``):
 
-    * ``absolute``: ``xi`` as given (the paper's 25 is in ``sv_compat`` units; eigenvalue DSD stays below ~0.25).
-    * ``relative``: ``xi_scale`` times the median DSD of the valid responses KoopmanFit fitted on (the first
-      step's rollout), computed once and kept in KoopmanFit's checkpointed state.
-    * ``quantile``: the ``xi_quantile`` quantile (linear interpolation) of the current micro-batch's valid DSDs,
-      so about a ``1 - xi_quantile`` share of them is over the bound at every update.
+    * ``absolute``: ``xi`` as given. The paper's 25 (Table 3) is in the authors' units (``sv_compat``); eigenvalue
+      DSD stays below ~0.25, so there a bound near the DSDs actually seen is needed.
+    * ``relative``: ``xi_scale`` times the median DSD of the responses KoopmanFit fitted on (the first rollout),
+      measured once and kept in this callback's checkpointed state.
+    * ``quantile``: the ``xi_quantile`` quantile of the mini-batch's valid DSDs (measured ahead when the
+      mini-batch takes several micro-batches), so about ``1 - xi_quantile`` of them is over the bound.
 
-    Metrics are micro-batch statistics averaged over the step; ``timing_s/dsd`` is the forward time of the
-    DSD term summed over the step (its backward is part of ``timing_s/update``).
+    Defaults are the paper's (Table 3) in the authors' units: ``spectrum="sv_compat"``, ``alpha=0.1``,
+    ``xi=25`` absolute, ``kl_coef=0.01``. With ``spectrum="eig"`` the same push takes a larger ``alpha``: compare
+    ``relax/grad_share`` (docs/method.md, "Strength").
+
+    Logged once per step: ``relax/dsd_mean|median|p90`` (valid DSDs of the update's forwards), ``relax/valid_frac``,
+    ``relax/gated_frac``, ``relax/xi``, ``relax/l_xp`` (mean over mini-batches), ``relax/grad_share`` (norm of
+    ``alpha * L_xp``'s gradient at the final hidden states over the norm of every other term's gradient there) and
+    ``timing_s/dsd`` (DSD forward time; its backward is in ``timing_s/update``).
 
     Args:
         alpha: weight of ``L_xp`` (paper: 0.1).
@@ -67,7 +131,8 @@ class LatentExploration(RLVRCallback):
         gate_positive_only: gate only positive-advantage responses.
         n_min: fewest own transitions for a defined DSD (default 2m, floor m+1).
         eps: ridge of ``X^T X``.
-        spectrum: "eig" (eigenvalue magnitudes) or "sv_compat" (the authors' pre-release code).
+        spectrum: "sv_compat" (the authors' units, singular values of K, responses padded to
+            ``model.sampling.max_new_tokens``) or "eig" (eigenvalue magnitudes, each response on its own tokens).
 
     Raises:
         ValueError: on a bad argument, or (at setup) when the run has no KoopmanFit callback.
@@ -79,14 +144,14 @@ class LatentExploration(RLVRCallback):
         self,
         alpha: float = 0.1,
         xi: float = 25.0,
-        xi_mode: Literal["absolute", "relative", "quantile"] = "relative",
+        xi_mode: Literal["absolute", "relative", "quantile"] = "absolute",
         xi_scale: float = 2.0,
         xi_quantile: float = 0.9,
         kl_coef: float = 0.01,
         gate_positive_only: bool = True,
         n_min: Optional[int] = None,
         eps: float = 1e-3,
-        spectrum: Literal["eig", "sv_compat"] = "eig",
+        spectrum: Literal["eig", "sv_compat"] = "sv_compat",
     ) -> None:
         if xi_mode not in ("absolute", "relative", "quantile"):
             raise ValueError(f"xi_mode must be 'absolute', 'relative' or 'quantile', got {xi_mode!r}")
@@ -100,7 +165,9 @@ class LatentExploration(RLVRCallback):
         self.alpha, self.xi, self.xi_mode, self.xi_scale, self.xi_quantile = alpha, xi, xi_mode, xi_scale, xi_quantile
         self.kl_coef, self.gate_positive_only = kl_coef, gate_positive_only
         self.n_min, self.eps, self.spectrum = n_min, eps, spectrum
-        self._dsd_seconds = 0.0
+        self.calibrated_median: float | None = None  # xi_mode="relative": median DSD of the fitted-on responses
+        self._mini: MiniBatchDispersion | None = None
+        self._step = StepRecord()
 
     @property
     def needs_reference(self) -> bool:
@@ -111,35 +178,63 @@ class LatentExploration(RLVRCallback):
         if stage == "fit":  # before any model is loaded
             find_koopman_fit(trainer, "LatentExploration")
 
+    # ------------------------------------------------------------------------------------------------ hooks
     @override
     def on_rollout_end(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
         fit = find_koopman_fit(trainer, "LatentExploration")
         fit.ensure_fitted(trainer, module, rollout)
-        if fit.fitted and self.xi_mode == "relative" and CALIBRATION_KEY not in fit.calibration:
+        if fit.fitted and self.xi_mode == "relative" and self.calibrated_median is None:
             self.calibrate(trainer, module, rollout, fit)
 
     def calibrate(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, fit: KoopmanFit) -> None:
-        """Store the median DSD of the valid responses of the fit (or, after a resume, of ``rollout``)."""
+        """Keep the median DSD of the valid responses of the fit (or, after a resume, of ``rollout``)."""
         trajectories = fit.first_trajectories or fit.trajectories(module, rollout)
-        values, valid = fit.dsd_of(trajectories, eps=self.eps, n_min=self.n_min, spectrum=self.spectrum)
+        values, valid = fit.dsd_of(
+            trajectories, eps=self.eps, n_min=self.n_min, spectrum=self.spectrum,
+            padded_length=module.sampling.max_new_tokens,
+        )
         if not valid.any():
             lengths = [t.shape[0] for t in trajectories]
             raise ValueError(
                 f"LatentExploration(xi_mode='relative') cannot calibrate xi: none of the {len(lengths)} responses "
-                f"(lengths {min(lengths)}-{max(lengths)} tokens) has n_min={self.n_min or 2 * fit.m} transitions; "
-                f"lower n_min (floor m+1={fit.m + 1}), lower KoopmanFit's m or raise model.sampling.max_new_tokens"
+                f"(lengths {min(lengths)}-{max(lengths)} tokens) has n_min={resolve_n_min(fit.m, self.n_min)} "
+                f"transitions; lower n_min (floor m+1={fit.m + 1}), lower KoopmanFit's m or raise "
+                f"model.sampling.max_new_tokens"
             )
-        median = trainer.strategy.broadcast(float(values[valid].median()), src=0)
-        fit.calibration[CALIBRATION_KEY] = median
+        self.calibrated_median = trainer.strategy.broadcast(float(values[valid].median()), src=0)
 
-    def threshold(self, fit: KoopmanFit, values: Tensor, valid: Tensor) -> float:
-        if self.xi_mode == "absolute":
-            return self.xi
-        if self.xi_mode == "relative":
-            if CALIBRATION_KEY not in fit.calibration:
-                raise RuntimeError("LatentExploration: xi is not calibrated yet (on_rollout_end did not run)")
-            return self.xi_scale * fit.calibration[CALIBRATION_KEY]
-        return float(torch.quantile(values[valid], self.xi_quantile)) if valid.any() else math.nan
+    @override
+    def on_mini_batch_start(self, trainer: L.Trainer, module: L.LightningModule, mini_batch: MiniBatch) -> None:
+        """Count the mini-batch's groups and valid responses; measure ahead (no grad) the DSD of the rows whose
+        group micro-batches split, or of every row for a quantile bound, so that the terms are whole-group ones."""
+        fit = find_koopman_fit(trainer, "LatentExploration")
+        rollout, rows = mini_batch.rollout, mini_batch.rows
+        valid = torch.zeros(len(rollout), dtype=torch.bool, device=rows.device)
+        valid[rows] = has_dsd(rollout.response_mask[rows], fit.m, self.n_min)
+        groups = rollout.group_index
+        count = torch.zeros(len(rollout) // rollout.group_size, dtype=torch.long, device=rows.device)
+        count.index_add_(0, groups[rows], valid[rows].long())
+        stats = MiniBatchDispersion(
+            num_groups=int((count > 0).sum()),
+            group_index=groups,
+            advantages=rollout.advantages,
+            valid=valid,
+            group_valid_count=count[groups],
+            known=torch.full((len(rollout),), math.nan, dtype=torch.float64, device=rows.device),
+        )
+        if len(mini_batch.micro_batches) > 1:
+            ahead = rows if self.xi_mode == "quantile" else mini_batch.split_rows
+            ahead = ahead[valid[ahead]]
+            start = time.perf_counter()
+            for part in mini_batch.forward(ahead, True):
+                values, _ = self.dispersion(fit, part.hidden, part.response_mask, module.sampling.max_new_tokens)
+                stats.known[part.rows] = values.detach()
+            self._step.seconds += time.perf_counter() - start
+            if self.xi_mode == "quantile":
+                measured = stats.known[rows][valid[rows]]
+                stats.xi = float(torch.quantile(measured, self.xi_quantile)) if measured.numel() else math.nan
+        self._mini = stats
+        self._step.mini_batches += 1
 
     @override
     def policy_loss_terms(self, trainer: L.Trainer, module: L.LightningModule, forward: PolicyForward) -> LossTerms:
@@ -147,44 +242,126 @@ class LatentExploration(RLVRCallback):
             raise RuntimeError("LatentExploration needs forward.hidden; the module did not capture hidden states")
         fit = find_koopman_fit(trainer, "LatentExploration")
         start = time.perf_counter()
-        dictionary = fit.dictionary_on(forward.hidden.device)
-        values, valid = dsd(
-            forward.hidden, forward.response_mask, dictionary, eps=self.eps, n_min=self.n_min, spectrum=self.spectrum
-        )
+        # DSD on a detached copy: its gradient at the hidden states is taken here (for grad_share) and handed to
+        # the policy's backward below, so the DSD's own backward still runs once
+        hidden = forward.hidden.detach().requires_grad_(self.alpha > 0)
+        with torch.enable_grad():
+            values, valid = self.dispersion(fit, hidden, forward.response_mask, forward.max_new_tokens)
         detached = values.detach()
-        xi = self.threshold(fit, detached, valid)
+        xi = self.threshold(detached, valid)
         over = valid & (detached > xi)
-        l_xp = latent_exploration_loss(values, valid, over, forward.advantages, forward.group_index).float()
-        self._dsd_seconds += time.perf_counter() - start
+        with torch.enable_grad():
+            l_xp = self.exploration_share(values, valid, over, forward)
+        losses: dict[str, Tensor] = {}
+        if self.alpha > 0:
+            if l_xp.requires_grad:
+                (grad,) = torch.autograd.grad(self.alpha * l_xp, hidden)
+            else:  # no row can move (none valid with A > 0 and under xi)
+                grad = torch.zeros_like(hidden)
+            self._step.xp_grad_sq = self._step.xp_grad_sq + grad.float().square().sum()
+            surrogate = (forward.hidden * grad.to(forward.hidden.dtype)).sum()
+            losses["relax/xp_loss"] = self.alpha * l_xp.detach().float() + surrogate - surrogate.detach()
+            if forward.head_hidden is not None and forward.head_hidden.requires_grad:
+                forward.head_hidden.register_hook(self._record_rest_gradient)
+        self._step.seconds += time.perf_counter() - start
         gate = over & (forward.advantages > 0) if self.gate_positive_only else over
-        kept = detached[valid].float()
-        metrics: dict[str, Any] = {
-            "relax/l_xp": float(l_xp.detach()),
-            "relax/xi": xi,
-            "relax/valid_frac": float(valid.float().mean()),
-            "relax/gated_frac": float(gate.float().mean()),
-            "relax/dsd_mean": float(kept.mean()) if kept.numel() else math.nan,
-            "relax/dsd_median": float(kept.median()) if kept.numel() else math.nan,
-            "relax/dsd_p90": float(torch.quantile(kept, 0.9)) if kept.numel() else math.nan,
-        }
-        losses = {"relax/xp_loss": self.alpha * l_xp}
         if self.kl_coef > 0:
             if forward.reference_kl is None:
-                raise RuntimeError(
-                    "LatentExploration(kl_coef > 0) needs forward.reference_kl; the module has no reference"
-                )
+                raise RuntimeError("LatentExploration(kl_coef > 0) needs forward.reference_kl; the module has no reference")
             gated = torch.zeros_like(forward.logp)
             if gate.any():  # the reference forward runs over the gated responses only
                 gated[gate] = forward.reference_kl(gate).to(gated.dtype)
-            gated_kl = obj.aggregate(gated, forward.response_mask, forward.loss_agg_mode)
-            losses["relax/gated_kl_loss"] = self.kl_coef * gated_kl
-            metrics["relax/gated_kl"] = float(gated_kl.detach())
-        return LossTerms(losses=losses, metrics=metrics)
+            losses["relax/gated_kl_loss"] = self.kl_coef * forward.aggregate(gated)
+        self.record(detached, valid, gate, xi, float(l_xp.detach()))
+        return LossTerms(losses=losses)
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        self._dsd_seconds = 0.0
+        self._step = StepRecord()
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        pl_module.log("timing_s/dsd", self._dsd_seconds, batch_size=1)
+        pl_module.log("timing_s/dsd", self._step.seconds, batch_size=1)
+        pl_module.log_dict(self.step_metrics(), batch_size=1)
+
+    def step_metrics(self) -> dict[str, float]:
+        """The ``relax/*`` metrics of the step so far (empty before its first update micro-batch)."""
+        step = self._step
+        if not step.rows:
+            return {}
+        kept = torch.cat(step.dsd).float()
+        metrics = {
+            "relax/valid_frac": step.valid / step.rows,
+            "relax/gated_frac": step.gated / step.rows,
+            "relax/xi": sum(step.xi) / len(step.xi),
+            "relax/l_xp": step.l_xp / max(step.mini_batches, 1),
+        }
+        if kept.numel():
+            metrics.update(
+                {
+                    "relax/dsd_mean": float(kept.mean()),
+                    "relax/dsd_median": float(kept.median()),
+                    "relax/dsd_p90": float(torch.quantile(kept, 0.9)),
+                }
+            )
+        if self.alpha > 0 and float(step.rest_grad_sq) > 0:
+            metrics["relax/grad_share"] = math.sqrt(float(step.xp_grad_sq) / float(step.rest_grad_sq))
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------ math
+    def dispersion(self, fit: KoopmanFit, hidden: Tensor, mask: Tensor, padded_length: int | None) -> tuple[Tensor, Tensor]:
+        """DSD of each response (paper Eq. 6) in this callback's spectrum (``padded_length``: the sampling limit)."""
+        return dsd(
+            hidden, mask, fit.dictionary_on(hidden.device), eps=self.eps, n_min=self.n_min, spectrum=self.spectrum,
+            padded_length=padded_length,
+        )
+
+    def threshold(self, values: Tensor, valid: Tensor) -> float:
+        if self.xi_mode == "absolute":
+            return self.xi
+        if self.xi_mode == "relative":
+            if self.calibrated_median is None:
+                raise RuntimeError("LatentExploration: xi is not calibrated yet (on_rollout_end did not run)")
+            return self.xi_scale * self.calibrated_median
+        if self._mini is not None and self._mini.xi is not None:  # measured over the whole mini-batch ahead
+            return self._mini.xi
+        return float(torch.quantile(values[valid], self.xi_quantile)) if valid.any() else math.nan
+
+    def exploration_share(self, values: Tensor, valid: Tensor, over: Tensor, forward: PolicyForward) -> Tensor:
+        """This micro-batch's share of ``L_xp`` over whole groups (:func:`latent_exploration_loss`)."""
+        mini = self._mini
+        if mini is None or forward.rows is None:  # called outside an update: the rows given are the whole batch
+            return latent_exploration_loss(values, valid, over, forward.advantages, forward.group_index)
+        rows = forward.rows
+        outside = mini.valid.clone()
+        outside[rows] = False  # valid rows of the mini-batch in other micro-batches
+        candidates = (forward.group_index[:, None] == mini.group_index[None, :]) & outside[None, :]  # (B, N)
+        z_outside = mini.advantages.clamp(min=0).to(mini.known.dtype) * mini.known
+        if torch.isnan(z_outside[candidates.any(0)]).any():
+            raise RuntimeError("LatentExploration: a split group's DSD was not measured ahead (on_mini_batch_start)")
+        log_sum = torch.where(candidates, -z_outside[None, :], -math.inf).logsumexp(-1)
+        return latent_exploration_loss(
+            values, valid, over, forward.advantages, forward.group_index,
+            outside_log_sum=log_sum, group_valid_count=mini.group_valid_count[rows], num_groups=mini.num_groups,
+        )
+
+    def _record_rest_gradient(self, grad: Tensor) -> None:
+        self._step.rest_grad_sq = self._step.rest_grad_sq + grad.detach().float().square().sum()
+
+    def record(self, values: Tensor, valid: Tensor, gate: Tensor, xi: float, l_xp: float) -> None:
+        step = self._step
+        step.dsd.append(values[valid].cpu())
+        step.rows += len(valid)
+        step.valid += int(valid.sum())
+        step.gated += int(gate.sum())
+        step.xi.append(xi)
+        step.l_xp += l_xp
+
+    # ------------------------------------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"calibrated_median": self.calibrated_median}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.calibrated_median = state_dict.get("calibrated_median")

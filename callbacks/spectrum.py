@@ -40,7 +40,7 @@ class SpectrumMonitor(RLVRCallback):
         every_n_steps: int = 10,
         max_responses: int = 32,
         n_min: Optional[int] = None,
-        spectrum: Literal["eig", "sv_compat"] = "eig",
+        spectrum: Literal["eig", "sv_compat"] = "sv_compat",
     ) -> None:
         if every_n_steps < 1 or max_responses < 1:
             raise ValueError(f"SpectrumMonitor needs every_n_steps >= 1 and max_responses >= 1, got {every_n_steps}, {max_responses}")
@@ -63,7 +63,10 @@ class SpectrumMonitor(RLVRCallback):
         for hidden, mask in module.response_hidden_states(rollout.select(rows)):
             dictionary = fit.dictionary_on(hidden.device)
             eigenvalues.append(koopman_eigenvalues(hidden, mask, dictionary, fit.eps, n_min=self.n_min).cpu())
-            d, v = dsd(hidden, mask, dictionary, eps=fit.eps, n_min=self.n_min, spectrum=self.spectrum)
+            d, v = dsd(
+                hidden, mask, dictionary, eps=fit.eps, n_min=self.n_min, spectrum=self.spectrum,
+                padded_length=module.sampling.max_new_tokens,
+            )
             values.append(d.cpu())
             valid.append(v.cpu())
         eig, kept, valid_all = torch.cat(eigenvalues), torch.cat(values)[torch.cat(valid)], torch.cat(valid)

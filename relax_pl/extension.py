@@ -1,14 +1,25 @@
 """The one extension point through which callbacks reach an RL step.
 
 RLVRModule imports no callback. A callback that wants to take part in the update subclasses
-:class:`RLVRCallback` and implements one or both hooks:
+:class:`RLVRCallback` and implements any of three hooks:
 
 * ``on_rollout_end(trainer, module, rollout)``: sees each step's scored rollout before the update (for
   example to fit a Koopman dictionary on the first step). ``module.response_hidden_states(rollout)`` gives
   the final-norm hidden states of the rollout's responses without gradient.
+* ``on_mini_batch_start(trainer, module, mini_batch)``: called before the first micro-batch of every
+  optimiser step with a :class:`MiniBatch`: its rows, how they are cut into micro-batches and a no-grad
+  forward over any of its rows. A term that couples responses (a log-mean-exp over a prompt's group, a
+  quantile over the batch) reads what it needs of the other micro-batches here, so that its loss and gradient
+  do not depend on ``micro_batch_size``.
 * ``policy_loss_terms(trainer, module, forward)``: called on every micro-batch of the policy update with a
   :class:`PolicyForward`; returns :class:`LossTerms` whose losses are added to the policy loss before
   ``backward`` and whose metrics are logged (averaged over the step's micro-batches).
+
+The loss contract: a returned loss is *this micro-batch's share* of the mini-batch loss; the module adds it
+unscaled, and the shares of a mini-batch's micro-batches add up to the term over the whole mini-batch (what one
+micro-batch holding every row would return). ``forward.aggregate(per_token)`` reduces a per-token term exactly
+as the module reduces the policy loss (same mode, same mini-batch normaliser); ``forward.mean_over_responses``
+averages a per-response term over the mini-batch.
 
 Set ``needs_hidden_states = True`` on the callback class to have ``forward.hidden`` filled: the module then
 captures the final norm's output with a forward hook (never ``output_hidden_states=True``, which keeps
@@ -21,38 +32,98 @@ Example::
     class LengthPenalty(RLVRCallback):
         def policy_loss_terms(self, trainer, module, forward):
             lengths = forward.response_mask.sum(-1).float()
-            return LossTerms(losses={"length_penalty": 1e-4 * lengths.mean()})
+            return LossTerms(losses={"length_penalty": 1e-4 * forward.mean_over_responses(lengths)})
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import lightning as L
 from torch import Tensor
+
+from relax_pl import objectives as obj
 
 if TYPE_CHECKING:
     from relax_pl.rollout import RolloutBatch
 
 
 @dataclass
+class DetachedForward:
+    """A no-grad policy forward over some rows, at the current parameters (see :meth:`MiniBatch.forward`)."""
+
+    rows: Tensor  # (B,) rollout rows
+    logp: Tensor  # (B, T) log-probabilities of the sampled tokens
+    response_mask: Tensor  # (B, T) bool
+    hidden: Tensor | None  # (B, T, d) final-norm hidden states at the response positions, when asked for
+
+
+@dataclass
+class MiniBatch:
+    """The rows of one optimiser step and how the module cuts them into micro-batches.
+
+    ``micro_batches`` are consecutive slices of ``rows``; each is one forward and backward. The module keeps a
+    prompt's responses in one micro-batch whenever ``micro_batch_size`` holds a whole group, so a group is split
+    only when it is larger than a micro-batch.
+    """
+
+    rollout: RolloutBatch
+    rows: Tensor  # (M,) rollout rows, whole prompt groups
+    micro_batches: list[Tensor]
+    normaliser: float  # what objectives.aggregate divides by: response tokens (token-mean) or responses
+    loss_agg_mode: str
+    # forward(rows, keep_hidden) -> DetachedForward chunks of at most micro_batch_size rows, no grad
+    forward: Callable[[Tensor, bool], Iterator[DetachedForward]]
+
+    @property
+    def split_rows(self) -> Tensor:
+        """The rows whose prompt group is spread over more than one micro-batch."""
+        group_of = self.rollout.group_index
+        split = [rows for rows in self.micro_batches if len(rows)]
+        owner = {}
+        spread = set()
+        for k, rows in enumerate(split):
+            for group in group_of[rows].unique().tolist():
+                if owner.setdefault(group, k) != k:
+                    spread.add(group)
+        keep = [row for row in self.rows.tolist() if int(group_of[row]) in spread]
+        return self.rows.new_tensor(keep, dtype=self.rows.dtype)
+
+
+@dataclass
 class PolicyForward:
     """What the policy-update forward of one micro-batch exposes to callbacks.
 
-    All tensors cover the response positions only: index ``t`` is the ``t``-th generated token of a row.
+    All per-token tensors cover the response positions only: index ``t`` is the ``t``-th generated token of a row.
     """
 
     response_mask: Tensor  # (B, T) bool: True on each response's own tokens (EOS included), False on padding
     logp: Tensor  # (B, T) log-probabilities of the sampled tokens under the current policy, with grad
     advantages: Tensor  # (B,) one detached scalar advantage per response
     group_index: Tensor  # (B,) long: responses of the same prompt share an index
+    rows: Tensor | None = None  # (B,) the rollout rows of this micro-batch (keys into MiniBatch statistics)
     hidden: Tensor | None = None  # (B, T, d) final-norm hidden states with grad, if a callback needs them
+    # (B, T, d) the final-norm states that predict each response token (the vocabulary projection's input), with
+    # grad: register a hook on it to see the gradient every logp-based term sends to the final hidden states
+    head_hidden: Tensor | None = None
     # reference_kl(selected) -> (S, T): per-token KL to the reference (model.objective.kl_estimator) of the rows
     # picked by the bool mask ``selected`` (B,), with grad; None unless a callback or the objective needs a reference
     reference_kl: Callable[[Tensor], Tensor] | None = None
     loss_agg_mode: str = "token-mean"  # how the module aggregates per-token losses (objectives.aggregate)
+    normaliser: float | None = None  # the mini-batch's aggregation denominator (None: this micro-batch's own)
+    mini_batch_responses: int | None = None  # responses in the mini-batch (None: this micro-batch's)
+    max_new_tokens: int | None = None  # the sampling limit every response is padded to in some layouts
     global_step: int = 0
+
+    def aggregate(self, values: Tensor) -> Tensor:
+        """This micro-batch's share of a per-token term reduced as the policy loss is (Eq. of
+        :func:`relax_pl.objectives.aggregate`, with the mini-batch's normaliser)."""
+        return obj.aggregate(values, self.response_mask, self.loss_agg_mode, self.normaliser)
+
+    def mean_over_responses(self, values: Tensor) -> Tensor:
+        """This micro-batch's share of the mean of a per-response term over the mini-batch."""
+        return values.sum() / (self.mini_batch_responses or values.shape[0])
 
 
 @dataclass
@@ -72,10 +143,13 @@ class RLVRCallback(L.Callback):
     def on_rollout_end(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
         """Called once per training step, after rewards and advantages, before the update."""
 
+    def on_mini_batch_start(self, trainer: L.Trainer, module: L.LightningModule, mini_batch: MiniBatch) -> None:
+        """Called before the first micro-batch of every optimiser step."""
+
     def policy_loss_terms(
         self, trainer: L.Trainer, module: L.LightningModule, forward: PolicyForward
     ) -> LossTerms | None:
-        """Called on every update micro-batch; return loss terms and metrics, or None."""
+        """Called on every update micro-batch; return loss terms (this micro-batch's shares) and metrics, or None."""
         return None
 
 

@@ -63,7 +63,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 EMBEDDED_MODEL = EMBEDDED_PREFIX + "smollm2-135m-instruct"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def embedded_gguf_path(reference: str) -> Path:
@@ -167,7 +167,7 @@ def load_causal_lm(
     Args:
         name_or_path: hub id, local folder, ``.gguf`` file, or ``embedded:<name>`` (see ``EMBEDDED_MODELS``).
         gguf_file: the GGUF file name inside a folder or hub repository.
-        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (the checkpoint's own).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"`` (numerical checks) or ``"auto"`` (the checkpoint's own).
         trust_remote_code: run modelling code from the checkpoint; off unless asked for.
         attn_implementation: e.g. ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``; None keeps the default.
         **kwargs: passed to ``from_pretrained`` (``quantization_config``, ``device_map``, ...). For GGUF they

@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from relax_pl import objectives as obj
-from relax_pl.extension import LossTerms, PolicyForward, rlvr_callbacks
+from relax_pl.extension import DetachedForward, LossTerms, MiniBatch, PolicyForward, rlvr_callbacks
 from relax_pl.models import EMBEDDED_MODEL, final_norm, load_tokenizer
 from relax_pl.rewards import BoundedScorer, MathReward, VerifiableReward
 from relax_pl.rollout import CACHE_ARG, RolloutBatch, SamplingConfig, generate, shared_prefix_cache
@@ -32,7 +32,11 @@ from relax_pl.vision import VisionConfig, image_token_count, is_vision_language,
 
 @dataclass
 class ObjectiveConfig:
-    """The policy loss (recipe key ``model.objective``); relax-method.md section 1 and 6."""
+    """The policy loss (recipe key ``model.objective``); docs/method.md sections 1 and 6.
+
+    ``kl_cov`` needs more than one optimiser step per rollout (``update.ppo_epochs >= 2`` or several
+    mini-batches): its penalty is zero while the policy is the one that sampled. Clip-Cov and KL-Cov choose their
+    tokens over the whole mini-batch (one extra no-grad forward when it takes several micro-batches)."""
 
     policy_loss: Literal["ppo", "clip_cov", "kl_cov"] = "ppo"
     clip_low: float = 0.2
@@ -195,10 +199,31 @@ class RLVRModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self._scorer = BoundedScorer(self.reward)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if stage == "fit":
+            self.check_update_plan(getattr(datamodule, "batch_size", None))
         if self.sampling.on_long_prompt == "skip" and hasattr(datamodule, "drop_long_prompts"):
             self.load_processing()
             limit = self.sampling.max_prompt_tokens
             self._skipped_long_prompts = datamodule.drop_long_prompts(self.prompt_tokens, limit)
+
+    def check_update_plan(self, prompts_per_step: int | None) -> None:
+        """Refuse update settings that would silently compute something else than asked (before any weights load)."""
+        group, mini = self.sampling.num_responses, self.update.mini_batch_size
+        if mini is not None and mini % group:
+            raise ValueError(
+                f"model.update.mini_batch_size={mini} is not a multiple of model.sampling.num_responses={group}: an "
+                f"optimiser step must hold whole prompt groups (group-relative advantages, group-level callback terms)"
+            )
+        responses = None if prompts_per_step is None else prompts_per_step * group
+        single_pass = self.update.ppo_epochs == 1 and (mini is None or (responses is not None and mini >= responses))
+        if self.objective.policy_loss == "kl_cov" and single_pass:
+            raise ValueError(
+                f"model.objective.policy_loss=kl_cov does nothing here: with model.update.ppo_epochs=1 and "
+                f"model.update.mini_batch_size={mini} (>= the {responses or 'whole rollout of'} responses per step) the "
+                f"policy is updated once per rollout, so KL-Cov's penalty |logp - old_logp| and its gradient are 0 and "
+                f"the run is plain policy gradient. Set model.update.ppo_epochs >= 2, or a mini_batch_size smaller than "
+                f"the responses per step, or use policy_loss: clip_cov"
+            )
 
     def prompt_tokens(self, sample: dict[str, Any]) -> int:
         """Tokens of the rendered prompt, each image counted at its size after resizing (no pixels are processed)."""
@@ -290,7 +315,7 @@ class RLVRModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------- forwards
     def policy_forward(
         self, model: nn.Module, rollout: RolloutBatch, rows: Tensor, keep_hidden: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    ) -> ForwardOutput:
         """Log-probs ``(B, T)``, entropy ``(B, T)``, response mask and (optionally) the final-norm hidden
         states ``(B, T, d)`` at the response positions of ``rows``, trimmed to the longest response.
 
@@ -328,15 +353,17 @@ class RLVRModule(L.LightningModule):
                 **extra,
             )
         hidden = captured[0]  # positions start .. prompt + length - 1
-        head = model.get_output_embeddings()
+        head_hidden = hidden[:, prompt - start - 1 : -1]  # the states that predict each response token
         logp, entropy = obj.token_logprobs_and_entropy(
-            hidden[:, prompt - start - 1 : -1],
+            head_hidden,
             input_ids[:, prompt:],
-            head,
+            model.get_output_embeddings(),
             temperature=self.sampling.temperature or 1.0,
             chunk_size=self.update.logprob_chunk_size,
         )
-        return logp, entropy, response_mask[:, :length], hidden[:, prompt - start :] if keep_hidden else None
+        if not keep_hidden:
+            return ForwardOutput(logp, entropy, response_mask[:, :length], None, None)
+        return ForwardOutput(logp, entropy, response_mask[:, :length], hidden[:, prompt - start :], head_hidden)
 
     def shares_prompt_prefix(self, rollout: RolloutBatch, extra: dict[str, Tensor]) -> bool:
         """Whether :meth:`policy_forward` encodes each prompt once for all its responses. Not with images (their
@@ -356,11 +383,13 @@ class RLVRModule(L.LightningModule):
         """Log-probs of the responses of ``rows`` (default all) under ``model`` (no grad), ``(len(rows), T)``
         padded with zeros to the rollout's width."""
         rows = torch.arange(len(rollout), device=self.device) if rows is None else rows
-        out = torch.zeros(len(rows), rollout.response_mask.shape[1], dtype=torch.float32, device=self.device)
+        out = None
         for index in torch.arange(len(rows), device=self.device).split(self.update.micro_batch_size):
-            logp, _, mask, _ = self.policy_forward(model, rollout, rows[index])
-            out[index, : logp.shape[1]] = logp.float() * mask
-        return out
+            logp, _, mask, _, _ = self.policy_forward(model, rollout, rows[index])
+            if out is None:  # float32, or float64 for a float64 model
+                out = logp.new_zeros(len(rows), rollout.response_mask.shape[1])
+            out[index, : logp.shape[1]] = logp * mask
+        return out if out is not None else torch.zeros(0, rollout.response_mask.shape[1], device=self.device)
 
     def reference_logprobs(self, rollout: RolloutBatch, rows: Tensor) -> Tensor:
         """:meth:`sequence_logprobs` under the reference policy (a frozen copy, or the adapter disabled)."""
@@ -393,7 +422,7 @@ class RLVRModule(L.LightningModule):
         pair per micro-batch (for callbacks such as the Koopman dictionary fit)."""
         pairs = []
         for rows in torch.arange(len(rollout), device=self.device).split(self.update.micro_batch_size):
-            _, _, mask, hidden = self.policy_forward(self.policy, rollout, rows, keep_hidden=True)
+            _, _, mask, hidden, _ = self.policy_forward(self.policy, rollout, rows, keep_hidden=True)
             pairs.append((hidden.detach(), mask))
         return pairs
 
@@ -402,16 +431,18 @@ class RLVRModule(L.LightningModule):
         """``ppo_epochs`` passes of clipped-surrogate updates over mini-batches of whole groups."""
         optimizer = self.optimizers()
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        n = len(rollout)
-        mini = self.update.mini_batch_size or n
+        mini = self.update.mini_batch_size or len(rollout)
+        callbacks = rlvr_callbacks(self.trainer)
         stats = MeanAccumulator()
         for _ in range(self.update.ppo_epochs):
             for mini_rows in self.shuffled_groups(rollout).split(mini):
-                mask = rollout.response_mask[mini_rows]
-                normaliser = float(mask.sum()) if self.objective.loss_agg == "token-mean" else float(len(mini_rows))
+                batch = self.mini_batch(rollout, mini_rows)
                 optimizer.zero_grad(set_to_none=True)
-                for rows in mini_rows.split(self.update.micro_batch_size):
-                    loss, micro_stats = self.micro_batch_loss(rollout, rows, normaliser, len(rows) / len(mini_rows))
+                selected = self.token_selection(batch)
+                for callback in callbacks:
+                    callback.on_mini_batch_start(self.trainer, self, batch)
+                for rows in batch.micro_batches:
+                    loss, micro_stats = self.micro_batch_loss(batch, rows, selected)
                     self.manual_backward(loss)
                     stats.add(micro_stats, weight=len(rows))
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.update.grad_clip)
@@ -435,24 +466,72 @@ class RLVRModule(L.LightningModule):
         rows = order[:, None] * rollout.group_size + torch.arange(rollout.group_size)
         return rows.reshape(-1).to(self.device)
 
-    def micro_batch_loss(
-        self, rollout: RolloutBatch, rows: Tensor, normaliser: float, share: float
-    ) -> tuple[Tensor, dict[str, float]]:
+    def mini_batch(self, rollout: RolloutBatch, rows: Tensor) -> MiniBatch:
+        """One optimiser step's rows, cut into micro-batches of at most ``micro_batch_size`` responses that hold
+        whole groups whenever a group fits in one (so group-level terms need no extra forward)."""
+        size = self.update.micro_batch_size
+        if rollout.group_size <= size:
+            size -= size % rollout.group_size
+        mask = rollout.response_mask[rows]
+        normaliser = float(mask.sum()) if self.objective.loss_agg == "token-mean" else float(len(rows))
+        return MiniBatch(
+            rollout=rollout,
+            rows=rows,
+            micro_batches=list(rows.split(size)),
+            normaliser=normaliser,
+            loss_agg_mode=self.objective.loss_agg,
+            forward=lambda wanted, keep_hidden=False: self.detached_forward(rollout, wanted, keep_hidden),
+        )
+
+    def detached_forward(self, rollout: RolloutBatch, rows: Tensor, keep_hidden: bool = False) -> Iterator[DetachedForward]:
+        """:meth:`policy_forward` of the policy over ``rows`` without gradient, ``micro_batch_size`` rows at a time."""
+        for part in rows.split(self.update.micro_batch_size) if len(rows) else ():
+            with torch.no_grad():
+                out = self.policy_forward(self.policy, rollout, part, keep_hidden=keep_hidden)
+            yield DetachedForward(part, out.logp, out.mask, out.hidden)
+
+    def token_selection(self, batch: MiniBatch) -> Tensor | None:
+        """The tokens Clip-Cov or KL-Cov act on, chosen over the whole mini-batch, ``(N, T)`` over the rollout's
+        rows (None for PPO, or when the mini-batch is a single micro-batch: that forward chooses them itself).
+        Costs a no-grad forward over the mini-batch: the covariance is centred and the budget counted over it."""
+        if self.objective.policy_loss == "ppo" or len(batch.micro_batches) == 1:
+            return None
+        rollout = batch.rollout
+        logp = torch.zeros(len(rollout), rollout.response_mask.shape[1], dtype=torch.float64, device=self.device)
+        for part in batch.forward(batch.rows, False):
+            logp[part.rows, : part.logp.shape[1]] = part.logp.double()
+        rows = batch.rows
+        old_logp = logp[rows] if rollout.old_logp is None else rollout.old_logp[rows]
+        selected = torch.zeros_like(rollout.response_mask)
+        selected[rows] = self.select_tokens(logp[rows], old_logp, rollout.advantages[rows], rollout.response_mask[rows])
+        return selected
+
+    def select_tokens(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+        cfg = self.objective
+        if cfg.policy_loss == "clip_cov":
+            return obj.clip_cov_selection(
+                logp, old_logp, advantages, mask, cfg.clip_low, cfg.clip_high, cfg.clip_cov_ratio, cfg.clip_cov_bounds
+            )
+        return obj.kl_cov_selection(logp, advantages, mask, cfg.kl_cov_ratio)
+
+    def micro_batch_loss(self, batch: MiniBatch, rows: Tensor, selected: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        """This micro-batch's share of the mini-batch loss (the shares add up to the loss over the mini-batch)."""
+        rollout, normaliser, share = batch.rollout, batch.normaliser, len(rows) / len(batch.rows)
         callbacks = rlvr_callbacks(self.trainer)
         keep_hidden = any(cb.needs_hidden_states for cb in callbacks)
-        logp, entropy, mask, hidden = self.policy_forward(self.policy, rollout, rows, keep_hidden=keep_hidden)
+        logp, entropy, mask, hidden, head_hidden = self.policy_forward(self.policy, rollout, rows, keep_hidden=keep_hidden)
         width = logp.shape[1]
         advantages = rollout.advantages[rows]
         old_logp = logp.detach() if rollout.old_logp is None else rollout.old_logp[rows, :width]
         cfg = self.objective
         if cfg.policy_loss == "ppo":
             per_token, clip = obj.clipped_surrogate(logp, old_logp, advantages, cfg.clip_low, cfg.clip_high)
-        elif cfg.policy_loss == "clip_cov":
-            per_token, clip = obj.clip_cov_surrogate(
-                logp, old_logp, advantages, mask, cfg.clip_low, cfg.clip_high, cfg.clip_cov_ratio, cfg.clip_cov_bounds
-            )
         else:
-            per_token, clip = obj.kl_cov_surrogate(logp, old_logp, advantages, mask, cfg.kl_cov_ratio, cfg.kl_cov_coef)
+            chosen = selected[rows, :width] if selected is not None else self.select_tokens(logp, old_logp, advantages, mask)
+            if cfg.policy_loss == "clip_cov":
+                per_token, clip = obj.clip_cov_surrogate(logp, old_logp, advantages, cfg.clip_low, cfg.clip_high, chosen)
+            else:
+                per_token, clip = obj.kl_cov_surrogate(logp, old_logp, advantages, chosen, cfg.kl_cov_coef)
         pg_loss = obj.aggregate(per_token, mask, cfg.loss_agg, normaliser)
         loss = pg_loss
         reference_kl = self.reference_kl(rollout, rows, logp) if self.needs_reference else None
@@ -465,6 +544,8 @@ class RLVRModule(L.LightningModule):
             "actor/ppo_kl": obj.masked_mean(clip["approx_kl"].detach(), mask),
         }
         stats["actor/pg_clipfrac"] = stats["actor/pg_clipfrac_lower"] + stats["actor/pg_clipfrac_higher"]
+        if "cov_selected" in clip:
+            stats["actor/cov_selected_frac"] = obj.masked_mean(clip["cov_selected"].float(), mask)
         if kl is not None:
             kl_loss = obj.aggregate(kl, mask, cfg.loss_agg, normaliser)
             stats["actor/kl_loss"] = kl_loss.detach() / share
@@ -477,9 +558,14 @@ class RLVRModule(L.LightningModule):
             logp=logp,
             advantages=advantages,
             group_index=rollout.group_index[rows],
+            rows=rows,
             hidden=hidden,
+            head_hidden=head_hidden,
             reference_kl=reference_kl,
             loss_agg_mode=cfg.loss_agg,
+            normaliser=normaliser,
+            mini_batch_responses=len(batch.rows),
+            max_new_tokens=self.sampling.max_new_tokens,
             global_step=self.global_step,
         )
         for callback in callbacks:
@@ -487,8 +573,8 @@ class RLVRModule(L.LightningModule):
             if terms is None:
                 continue
             for name, value in terms.losses.items():
-                loss = loss + share * value
-                stats[name] = value.detach()
+                loss = loss + value  # already this micro-batch's share (extension.py's loss contract)
+                stats[name] = value.detach() / share
             stats.update({k: float(v) for k, v in terms.metrics.items()})
         return loss, stats
 
@@ -617,6 +703,16 @@ class RLVRModule(L.LightningModule):
         elif self.trainer.world_size > 1:
             # seed_everything seeds every rank alike: ranks would sample their responses with the same random draws
             torch.manual_seed(torch.initial_seed() + self.global_rank)
+
+
+class ForwardOutput(NamedTuple):
+    """What :meth:`RLVRModule.policy_forward` returns, all at the response positions of its rows."""
+
+    logp: Tensor  # (B, T) log-probabilities of the sampled tokens
+    entropy: Tensor  # (B, T) true entropy of the next-token distribution
+    mask: Tensor  # (B, T) bool response mask
+    hidden: Tensor | None  # (B, T, d) final-norm states at the response tokens (keep_hidden)
+    head_hidden: Tensor | None  # (B, T, d) final-norm states that predict the response tokens (keep_hidden)
 
 
 def correctness(components: dict[str, Tensor]) -> Tensor:

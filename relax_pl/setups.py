@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
     from relax_pl.module import RLVRModule
 
-Dtype = Literal["float32", "bfloat16", "float16"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Dtype = Literal["float32", "bfloat16", "float16", "float64"]  # float64: for numerical checks
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class Setup:

@@ -12,10 +12,11 @@ import torch
 
 import relax_pl.callbacks.koopman_fit
 from relax_pl.callbacks import KoopmanFit, LatentExploration
-from relax_pl.callbacks.latent_exploration import CALIBRATION_KEY, latent_exploration_loss
+from relax_pl.callbacks.latent_exploration import latent_exploration_loss
 from relax_pl.cli import main
 from relax_pl.extension import PolicyForward
 from relax_pl.koopman import KoopmanDictionary, dsd
+from relax_pl.models import load_causal_lm
 
 from probes import tensorboard_logs, tiny_recipe
 
@@ -42,6 +43,8 @@ def synthetic_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def loss_terms(explore: LatentExploration, fit: KoopmanFit, hidden, mask, kl=None):
+    """The callback's terms for one batch that is the whole mini-batch (its metrics: ``explore.step_metrics()``)."""
+    explore.on_train_batch_start(None)
     forward = PolicyForward(
         response_mask=mask, logp=torch.zeros(mask.shape), advantages=ADVANTAGES, group_index=GROUPS, hidden=hidden,
         reference_kl=None if kl is None else lambda selected: kl[selected],
@@ -57,7 +60,7 @@ def test_descent_on_l_xp_raises_dsd_only_for_positive_ungated_responses():
     low, high = sorted([float(values[0]), float(values[3])])
     gated_row = 0 if float(values[0]) == high else 3
     free_row = 3 - gated_row
-    explore = LatentExploration(xi_mode="absolute", xi=(low + high) / 2, kl_coef=0.0, n_min=N_MIN)
+    explore = LatentExploration(xi_mode="absolute", xi=(low + high) / 2, kl_coef=0.0, n_min=N_MIN, spectrum="eig")
     hidden = torch.nn.Parameter(hidden0.clone())
     optimizer = torch.optim.SGD([hidden], lr=20.0)
     for step in range(5):
@@ -67,8 +70,9 @@ def test_descent_on_l_xp_raises_dsd_only_for_positive_ungated_responses():
         assert set(terms.losses) == {"relax/xp_loss"}
         terms.losses["relax/xp_loss"].backward()
         if step == 0:
-            assert terms.metrics["relax/valid_frac"] == pytest.approx(5 / 6)
-            assert terms.metrics["relax/dsd_mean"] == pytest.approx(float(values[:5].mean()))
+            metrics = explore.step_metrics()
+            assert metrics["relax/valid_frac"] == pytest.approx(5 / 6)
+            assert metrics["relax/dsd_mean"] == pytest.approx(float(values[:5].mean()))
             assert float(now[free_row]) < explore.xi < float(now[gated_row])
         # gradient exactly where A > 0, DSD is defined and not over xi (re-evaluated at every step); rows 2 and 4
         # (A <= 0), 5 (too short) and the over-dispersed gated_row get none
@@ -90,14 +94,16 @@ def test_gated_kl_reaches_only_over_dispersed_responses():
     for positive_only in (True, False):
         expected = valid & (values > xi) & ((ADVANTAGES > 0) if positive_only else True)
         assert 0 < expected.sum() < valid.sum()
-        explore = LatentExploration(xi_mode="absolute", xi=xi, kl_coef=0.5, gate_positive_only=positive_only, n_min=N_MIN)
+        explore = LatentExploration(
+            xi_mode="absolute", xi=xi, kl_coef=0.5, gate_positive_only=positive_only, n_min=N_MIN, spectrum="eig"
+        )
         terms = loss_terms(explore, fit, hidden, mask, kl=kl)
         kl.grad = None
         terms.losses["relax/gated_kl_loss"].backward()
         assert (kl.grad.abs().sum(-1) > 0).tolist() == expected.tolist()
         manual = 0.5 * (kl.detach() * expected[:, None] * mask).sum() / mask.sum()
         torch.testing.assert_close(terms.losses["relax/gated_kl_loss"].detach(), manual)
-        assert terms.metrics["relax/gated_frac"] == pytest.approx(float(expected.float().mean()))
+        assert explore.step_metrics()["relax/gated_frac"] == pytest.approx(float(expected.float().mean()))
 
 
 def test_l_xp_is_log_mean_exp_over_each_groups_valid_responses():
@@ -119,28 +125,92 @@ def test_l_xp_is_log_mean_exp_over_each_groups_valid_responses():
 def test_quantile_and_relative_thresholds():
     fit, (hidden, mask) = fitted_koopman(), synthetic_batch()
     values, valid = dsd(hidden, mask, fit.dictionary, n_min=N_MIN)
-    quantile = loss_terms(LatentExploration(xi_mode="quantile", xi_quantile=0.5, kl_coef=0.0, n_min=N_MIN), fit, hidden, mask)
-    assert quantile.metrics["relax/xi"] == pytest.approx(float(values[valid].median()))
-    relative = LatentExploration(xi_mode="relative", xi_scale=3.0, kl_coef=0.0, n_min=N_MIN)
+    quantile = LatentExploration(xi_mode="quantile", xi_quantile=0.5, kl_coef=0.0, n_min=N_MIN, spectrum="eig")
+    loss_terms(quantile, fit, hidden, mask)
+    assert quantile.step_metrics()["relax/xi"] == pytest.approx(float(values[valid].median()))
+    relative = LatentExploration(xi_mode="relative", xi_scale=3.0, kl_coef=0.0, n_min=N_MIN, spectrum="eig")
     with pytest.raises(RuntimeError, match="not calibrated"):
         loss_terms(relative, fit, hidden, mask)
-    fit.calibration[CALIBRATION_KEY] = 0.01
-    assert loss_terms(relative, fit, hidden, mask).metrics["relax/xi"] == pytest.approx(0.03)
+    relative.calibrated_median = 0.01
+    loss_terms(relative, fit, hidden, mask)
+    assert relative.step_metrics()["relax/xi"] == pytest.approx(0.03)
 
 
-def test_dictionary_state_round_trip(tmp_path):
+def test_state_round_trips(tmp_path):
     fit = fitted_koopman(seed=3)
-    fit.calibration[CALIBRATION_KEY] = 0.123
     torch.save(fit.state_dict(), tmp_path / "state.pt")
     restored = KoopmanFit(m=M)
     restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    assert restored.fitted and restored.calibration == {CALIBRATION_KEY: 0.123}
+    assert restored.fitted
     assert torch.equal(restored.dictionary.proj.weight, fit.dictionary.proj.weight)
     assert not restored.dictionary.proj.weight.requires_grad
     with pytest.raises(ValueError, match="m=4"):
         KoopmanFit(m=5).load_state_dict(fit.state_dict())
     with pytest.raises(ValueError, match="KoopmanFit"):
         LatentExploration().setup(SimpleNamespace(callbacks=[]), None, "fit")
+    explore = LatentExploration(xi_mode="relative")
+    explore.calibrated_median = 0.123
+    torch.save(explore.state_dict(), tmp_path / "explore.pt")
+    again = LatentExploration(xi_mode="relative")
+    again.load_state_dict(torch.load(tmp_path / "explore.pt", weights_only=True))
+    assert again.calibrated_median == 0.123
+
+
+def test_l_xp_shares_over_a_split_group_add_up_to_the_whole_group_loss():
+    """Paper Eq. 10 over whole groups: cut a batch of two groups (one of them with an invalid response) into
+    micro-batches every which way; the shares add up to the whole-batch L_xp in value and in gradient."""
+    generator = torch.Generator().manual_seed(0)
+    dispersion = torch.rand(7, generator=generator, dtype=torch.float64) * 3
+    valid = torch.tensor([True, True, True, False, True, True, True])
+    over = torch.tensor([False, True, False, False, False, False, False])
+    advantages = torch.tensor([1.0, 2.0, -1.0, 0.5, 0.7, -0.3, 1.5], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+
+    def value_and_grad(parts):
+        leaf = dispersion.clone().requires_grad_()
+        z = advantages.clamp(min=0) * torch.where(over, leaf.detach(), leaf).detach()
+        count = torch.zeros(2, dtype=torch.long).index_add_(0, groups, valid.long())
+        total = 0.0
+        for rows in parts:
+            rows = torch.tensor(rows)
+            others = torch.ones(7, dtype=torch.bool)
+            others[rows] = False
+            candidates = (groups[rows][:, None] == groups[None, :]) & (others & valid)[None, :]
+            outside = torch.where(candidates, -z[None, :], -math.inf).logsumexp(-1)
+            total = total + latent_exploration_loss(
+                leaf[rows], valid[rows], over[rows], advantages[rows], groups[rows],
+                outside_log_sum=outside, group_valid_count=count[groups[rows]], num_groups=2,
+            )
+        (grad,) = torch.autograd.grad(total, leaf)
+        return float(total), grad
+
+    whole_value, whole_grad = value_and_grad([list(range(7))])
+    a = advantages.clamp(min=0)
+    expected = 0.0
+    for g in (0, 1):
+        members = (groups == g) & valid
+        z = a[members] * dispersion[members]
+        expected += float(torch.logsumexp(-z, 0) - math.log(int(members.sum()))) / 2
+    assert whole_value == pytest.approx(expected, rel=1e-12)
+    assert whole_grad[1] == 0 and whole_grad[3] == 0 and whole_grad[2] == 0  # over xi, invalid, A < 0
+    for parts in ([[0], [1, 2], [3, 4], [5, 6]], [[0, 1, 2, 3, 4], [5, 6]], [[i] for i in range(7)]):
+        value, grad = value_and_grad(parts)
+        assert value == pytest.approx(whole_value, rel=1e-12), parts
+        torch.testing.assert_close(grad, whole_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_a_group_without_valid_response_does_not_reweight_the_others():
+    dispersion = torch.tensor([0.5, 0.7, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1])
+    valid = torch.tensor([False, False, True, True])
+    none = torch.zeros(4, dtype=torch.bool)
+    whole = latent_exploration_loss(dispersion, valid, none, advantages, groups)
+    # micro-batch 1 holds only the invalid group: it adds nothing, and group 1's share is not halved
+    first = latent_exploration_loss(dispersion[:2], valid[:2], none[:2], advantages[:2], groups[:2], num_groups=1)
+    second = latent_exploration_loss(dispersion[2:], valid[2:], none[2:], advantages[2:], groups[2:], num_groups=1)
+    assert float(first) == 0.0
+    assert float(first + second) == pytest.approx(float(whole)) == pytest.approx(math.log((math.exp(-1.0) + 1.0) / 2))
 
 
 # ----------------------------------------------------------------------------------------- CLI fits
@@ -148,60 +218,107 @@ RELAX_CALLBACKS = [
     {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": M, "steps": 5, "lr": 1e-3}},
     {
         "class_path": "relax_pl.callbacks.LatentExploration",
-        # the random model's rewards are all 0: gating on all valid responses lets the gated KL act
-        "init_args": {"n_min": N_MIN, "xi_scale": 1.0, "kl_coef": 0.1, "gate_positive_only": False},
+        "init_args": {"alpha": 1.0, "n_min": N_MIN, "xi_mode": "relative", "xi_scale": 1.0, "kl_coef": 0.1,
+                      "gate_positive_only": False},
     },
     {"class_path": "relax_pl.callbacks.SpectrumMonitor", "init_args": {"every_n_steps": 1, "n_min": N_MIN}},
 ]
 
 
-def recipe(folder: Path, model: Path, callbacks: list[dict], **objective) -> Path:
+def recipe(folder: Path, model: Path, callbacks: list[dict], update: dict | None = None, **objective) -> Path:
+    """Two RL steps of the tiny model with a reward that differs within groups (so advantages, and every term
+    that depends on them, are non-zero)."""
     return tiny_recipe(
         folder, model, callbacks, seed=3,
-        model={"sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0}, "objective": objective},
+        model={
+            "reward": {"class_path": "probes.LengthParityReward"},
+            "sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0},
+            "objective": objective,
+            "update": {"micro_batch_size": 4, **(update or {})},
+            "optimizer": {"lr": 1e-3},
+        },
         data={"task_options": {"digits": 1, "operations": "+", "num_samples": 8}},
     )
 
 
-def test_relax_fit_logs_and_resume_does_not_refit(tmp_path, tiny_model, monkeypatch):
+def final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def weight_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory, tiny_model):
+    """The plain GRPO run every other fit here is compared with: same seed, same rollouts at step 1."""
+    folder = tmp_path_factory.mktemp("grpo")
+    main(["fit", "--config", str(recipe(folder, tiny_model, []))])
+    return folder
+
+
+def test_grpo_baseline_trains(grpo_run, tiny_model):
+    start = {f"policy.{k}": v for k, v in load_causal_lm(str(tiny_model)).state_dict().items()}
+    assert weight_change(final_weights(grpo_run), start) > 1e-4
+    scalars, _ = tensorboard_logs(grpo_run)
+    assert min(scalars["critic/advantages/abs_mean"]) > 0 and min(scalars["actor/grad_norm"]) > 0
+
+
+def test_relax_fit_logs_changes_the_update_and_resume_does_not_refit(tmp_path, tiny_model, grpo_run, monkeypatch):
     config = recipe(tmp_path, tiny_model, RELAX_CALLBACKS)
     main(["fit", "--config", str(config)])
     scalars, images = tensorboard_logs(tmp_path)
     for tag in [
         "relax/xp_loss", "relax/gated_kl_loss", "relax/l_xp", "relax/xi", "relax/dsd_mean", "relax/dsd_p90",
-        "relax/gated_frac", "timing_s/dsd", "timing_s/ref", "koopman/fit_loss_initial", "koopman/fit_loss_final",
-        "koopman/cond_x", "koopman/saturated_fraction", "timing_s/koopman_fit", "koopman/dsd_mean",
+        "relax/gated_frac", "relax/grad_share", "timing_s/dsd", "timing_s/ref", "koopman/fit_loss_initial",
+        "koopman/fit_loss_final", "koopman/cond_x", "koopman/saturated_fraction", "timing_s/koopman_fit",
+        "koopman/dsd_mean",
     ]:
         assert tag in scalars, f"{tag} not logged; got {sorted(scalars)}"
     assert min(scalars["relax/valid_frac"]) > 0.5 and min(scalars["relax/xi"]) > 0
-    # the random model's rewards are all 0, so only the gate on all valid responses can reach the KL; the
-    # reference then runs during the update over the gated responses (logged as timing_s/ref)
-    assert max(scalars["relax/gated_frac"]) > 0 and all(v >= 0 for v in scalars["relax/gated_kl"])
-    assert all(v <= 0 for v in scalars["relax/l_xp"])  # log-mean-exp of -z with z >= 0
+    # both ReLaX terms acted: some responses had A > 0 and a DSD under xi, some were over it
+    assert all(v != 0 for v in scalars["relax/xp_loss"]) and all(v < 0 for v in scalars["relax/l_xp"])
+    assert max(scalars["relax/gated_frac"]) > 0 and max(scalars["relax/gated_kl_loss"]) > 0
+    assert min(scalars["relax/grad_share"]) > 0
     assert len(scalars["koopman/fit_loss_final"]) == 1  # fitted once
     assert {"koopman/eigenvalues", "koopman/dsd_histogram"} <= images
-    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    # the same seed without LatentExploration's terms trains to other weights
+    assert weight_change(final_weights(tmp_path), final_weights(grpo_run)) > 1e-5
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     state = first["callbacks"]["KoopmanFit"]
-    assert state["fitted"] and state["weight"].shape == (M, 64) and state["calibration"][CALIBRATION_KEY] > 0
+    assert state["fitted"] and state["weight"].shape == (M, 64)
+    calibrated = first["callbacks"]["LatentExploration"]["calibrated_median"]
+    assert calibrated > 0
 
     monkeypatch.setattr(relax_pl.callbacks.koopman_fit, "fit_dictionary", lambda *a, **k: pytest.fail("refitted"))
     main(["fit", "--config", str(config), "--trainer.max_steps", "3", "--ckpt_path", "last"])
-    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 3
     assert torch.equal(resumed["callbacks"]["KoopmanFit"]["weight"], state["weight"])
-    assert resumed["callbacks"]["KoopmanFit"]["calibration"] == state["calibration"]
+    assert resumed["callbacks"]["LatentExploration"]["calibrated_median"] == calibrated
+    assert weight_change(resumed["state_dict"], first["state_dict"]) > 1e-5
 
 
 @pytest.mark.parametrize(
-    "objective",
-    [{"policy_loss": "ppo", "entropy_coef": 0.01}, {"policy_loss": "clip_cov"}, {"policy_loss": "kl_cov"}],
+    "objective, update, without",
+    [
+        ({"entropy_coef": 0.05}, {}, {}),
+        ({"policy_loss": "clip_cov", "clip_cov_ratio": 0.05, "clip_cov_bounds": [0.0, 100.0]}, {}, {"policy_loss": "ppo"}),
+        ({"policy_loss": "kl_cov", "kl_cov_ratio": 0.05, "kl_cov_coef": 1.0}, {"ppo_epochs": 2},
+         {"policy_loss": "kl_cov", "kl_cov_ratio": 0.05, "kl_cov_coef": 0.0}),
+    ],
     ids=["entropy_bonus", "clip_cov", "kl_cov"],
 )
-def test_token_level_baselines_fit(tmp_path, tiny_model, objective):
-    main(["fit", "--config", str(recipe(tmp_path, tiny_model, [], **objective))])
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
-    scalars, _ = tensorboard_logs(tmp_path)
-    assert len(scalars["actor/pg_loss"]) == 2 and all(math.isfinite(v) for v in scalars["actor/pg_loss"])
-    assert all(math.isfinite(v) for v in scalars["actor/grad_norm"])
-    if objective.get("entropy_coef"):  # the random model's rewards are all 0: only the bonus has a gradient
-        assert all(v > 0 for v in scalars["actor/grad_norm"])
+def test_token_level_baselines_act(tmp_path, tiny_model, grpo_run, objective, update, without):
+    """Each baseline trains and its own term changes the update: the same run with the term switched off (same
+    seed) ends with other weights."""
+    main(["fit", "--config", str(recipe(tmp_path / "with", tiny_model, [], update, **objective))])
+    scalars, _ = tensorboard_logs(tmp_path / "with")
+    assert all(math.isfinite(v) for v in scalars["actor/pg_loss"]) and min(scalars["actor/grad_norm"]) > 0
+    if "policy_loss" in objective:
+        assert min(scalars["actor/cov_selected_frac"]) > 0
+    baseline = grpo_run
+    if without:
+        main(["fit", "--config", str(recipe(tmp_path / "without", tiny_model, [], update, **without))])
+        baseline = tmp_path / "without"
+    assert weight_change(final_weights(tmp_path / "with"), final_weights(baseline)) > 1e-6
