@@ -193,7 +193,8 @@ class RLVRModule(L.LightningModule):
             self._reference[0].to(self.device)
 
     def setup(self, stage: str) -> None:
-        self._scorer = BoundedScorer(self.reward)
+        per_node = self.trainer.num_devices if self._trainer is not None else 1  # each its own scoring pool
+        self._scorer = BoundedScorer(self.reward, processes_per_node=per_node)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if self.sampling.on_long_prompt == "skip" and hasattr(datamodule, "drop_long_prompts"):
             self.load_processing()
