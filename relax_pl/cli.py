@@ -71,8 +71,8 @@ def continue_logging(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
         if not isinstance(logger, (TensorBoardLogger, CSVLogger)) or logger._version is not None:
             continue
         logger._version = int(version) if version.isdigit() else version
-        if isinstance(logger, TensorBoardLogger):
-            logger._kwargs.setdefault("purge_step", saved["step"] + 1)
+        if isinstance(logger, TensorBoardLogger) and logger._kwargs.get("purge_step") is None:
+            logger._kwargs["purge_step"] = saved["step"] + 1  # the CLI passes SummaryWriter's None default
 
 
 class RelaxCLI(LightningCLI):
