@@ -3,7 +3,8 @@
 A tiny random Qwen2 trains for real (length-parity rewards vary within groups, so advantages and gradients are
 not zero) on the CPU: 4 training batches of 2 prompts x 4 responses, each batch two PPO epochs of two mini-batches
 (4 optimiser steps), a checkpoint after every second batch (so a killed run has logged, and loses, a batch the
-checkpoint does not hold), sampled validation (2 responses per prompt, 2 batches) after batches 1 and 3. A killed run is a real ``python -m relax_pl fit`` process that SIGKILLs itself inside the phase
+checkpoint does not hold), sampled validation (2 responses per prompt, 2 batches) after batches 1 and 3. A killed
+run is a real ``python -m relax_pl fit`` process that SIGKILLs itself inside the phase
 (tests/probes.py ``KillAt``); the resumed run is ``fit --ckpt_path last``; both must end on the weights, and
 TensorBoard curves, of the run that was never interrupted.
 """
@@ -201,7 +202,8 @@ def test_corrupt_last_checkpoint_names_the_newest_intact_one(tmp_path, tiny_mode
     checkpoints = tmp_path / "checkpoints"
     last = checkpoints / "last.ckpt"
     data = last.read_bytes()
-    for damage, broken in [("truncated", data[: len(data) // 3]), ("garbled", data[:100] + os.urandom(len(data) - 100))]:
+    damaged = {"truncated": data[: len(data) // 3], "garbled": data[:100] + os.urandom(len(data) - 100)}
+    for damage, broken in damaged.items():
         last.write_bytes(broken)
         with pytest.raises(CheckpointError) as raised:
             resume(tmp_path)
@@ -222,7 +224,8 @@ def test_corrupt_last_checkpoint_names_the_newest_intact_one(tmp_path, tiny_mode
 def test_reward_that_raises_returns_nan_or_no_overall(tmp_path, tiny_model):
     """Through the CLI: about half the responses make the reward raise, return NaN, return no "overall" or hang;
     every step goes on, the failures are counted per step and in total, and the others still train."""
-    recipe = fault_recipe(tmp_path, tiny_model, reward={"class_path": "probes.FlakyReward", "init_args": {"timeout_s": 0.5}})
+    flaky = {"class_path": "probes.FlakyReward", "init_args": {"timeout_s": 0.5}}
+    recipe = fault_recipe(tmp_path, tiny_model, reward=flaky)
     with pytest.warns(UserWarning, match="the reward failed on"):
         main(["fit", "--config", str(recipe), "--trainer.max_steps", "8", "--trainer.limit_val_batches", "0"])
     logged = tensorboard_logs(tmp_path)[0]
@@ -271,10 +274,12 @@ def test_checkpoint_that_carries_code_is_refused(tmp_path, tiny_model, uninterru
         with pytest.raises(CheckpointError, match=refused):
             main([subcommand, "--config", str(recipe), "--ckpt_path", str(evil)])
     out = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "relax_pl", "export", "--config", str(recipe), "--ckpt_path", str(evil),
-                           "--out", str(out)], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    export_command = [sys.executable, "-m", "relax_pl", "export", "--config", str(recipe), "--ckpt_path", str(evil),
+                      "--out", str(out)]
+    done = subprocess.run(export_command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1].startswith(f"python -m relax_pl export: error: refused to load checkpoint '{evil}'")
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"python -m relax_pl export: error: refused to load checkpoint '{evil}'"), last_line
     assert not marker.exists() and not out.exists()
 
     # a sharded checkpoint folder keeps its index in a plain pickle: refused the same way
@@ -287,6 +292,7 @@ def test_checkpoint_that_carries_code_is_refused(tmp_path, tiny_model, uninterru
     index = pickle.loads((folder / ".metadata").read_bytes())
     index.planner_data["extra"] = RunsCode(marker)
     (folder / ".metadata").write_bytes(pickle.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"refused to load sharded checkpoint '{folder}/.metadata': its index calls posix.system"):
+    refused = rf"refused to load sharded checkpoint '{folder}/.metadata': its index calls posix.system"
+    with pytest.raises(CheckpointError, match=refused):
         export(recipe, folder, tmp_path / "export_sharded")
     assert not marker.exists()

@@ -309,7 +309,8 @@ def test_direct_calls_from_threads_and_helpers_are_bounded():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RewardTimeoutWarning)
-        threads = [threading.Thread(target=score, args=(k, c)) for k, c in [("hang", HOSTILE[0]), ("ok", r"\boxed{2\sqrt 3}")]]
+        calls = [("hang", HOSTILE[0]), ("ok", r"\boxed{2\sqrt 3}")]
+        threads = [threading.Thread(target=score, args=call) for call in calls]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -133,7 +133,11 @@ class MathReward(VerifiableReward):
     """
 
     def __init__(
-        self, accuracy_weight: float = 1.0, format_weight: float = 0.0, timeout_s: float = 1.0, workers: int | None = None
+        self,
+        accuracy_weight: float = 1.0,
+        format_weight: float = 0.0,
+        timeout_s: float = 1.0,
+        workers: int | None = None,
     ) -> None:
         super().__init__(timeout_s=timeout_s, workers=workers)
         self.accuracy_weight = accuracy_weight
