@@ -6,16 +6,85 @@ checks every key and type before anything is instantiated, so a typo fails befor
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from relax_pl.checkpointing import AtomicCheckpointIO
+from relax_pl.checkpointing import AtomicCheckpointIO, load_checkpoint_file
 from relax_pl.data import PromptDataModule
 from relax_pl.module import RLVRModule
 
 
+class LoggerRun(L.Callback):
+    """Keeps in each checkpoint which run folder (logger version) the run writes and the step it logged last,
+    so that ``--ckpt_path`` continues the same TensorBoard curves instead of opening a new version."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["logger_run"] = {
+            "versions": [str(logger.version) for logger in trainer.loggers],
+            # the step Lightning logs the current batch at (the resumed run logs from the next one)
+            "step": trainer.fit_loop.epoch_loop._batches_that_stepped,
+        }
+
+
+def resolve_checkpoint(ckpt_path: str | Path | None, trainer: L.Trainer) -> Path | None:
+    """The checkpoint ``--ckpt_path`` names; ``last`` as Lightning resolves it (the newest ``last*.ckpt`` of the
+    ModelCheckpoint folders). ``None`` when there is none."""
+    if ckpt_path in (None, "best", "hpc", "registry"):
+        return None
+    if ckpt_path != "last":
+        return Path(ckpt_path)
+    candidates = [
+        path
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath
+        for path in Path(callback.dirpath).glob(f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}")
+    ]
+    return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
+
+
+def saved_logger_run(path: Path) -> dict[str, Any] | None:
+    """What :class:`LoggerRun` kept in a checkpoint file or sharded folder; ``None`` if it cannot be read (the
+    resume itself then fails with the reason)."""
+    try:
+        if path.is_dir():  # Lightning keeps a sharded checkpoint's non-tensor entries in meta.pt
+            return torch.load(path / "meta.pt", map_location="cpu", weights_only=True).get("logger_run")
+        return load_checkpoint_file(path, mmap=True).get("logger_run")
+    except Exception:
+        return None
+
+
+def continue_logging(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
+    """Point the run's loggers at the folders the checkpoint's run wrote, before anything is logged; TensorBoard
+    also hides what that run logged after the checkpoint (SummaryWriter's ``purge_step``), which the resumed run
+    logs again. A logger given an explicit version keeps it."""
+    path = resolve_checkpoint(ckpt_path, trainer)
+    saved = saved_logger_run(path) if path is not None and path.exists() else None
+    if not saved or len(saved["versions"]) != len(trainer.loggers):
+        return
+    for logger, version in zip(trainer.loggers, saved["versions"]):
+        if not isinstance(logger, (TensorBoardLogger, CSVLogger)) or logger._version is not None:
+            continue
+        logger._version = int(version) if version.isdigit() else version
+        if isinstance(logger, TensorBoardLogger) and logger._kwargs.get("purge_step") is None:
+            logger._kwargs["purge_step"] = saved["step"] + 1  # the CLI passes SummaryWriter's None default
+
+
 class RelaxCLI(LightningCLI):
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Also read a ``--ckpt_path`` file now (weights_only, memory-mapped): LightningCLI reads it next for
+        hyperparameters, and a refused or corrupt file should fail with relax_pl's message naming it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            load_checkpoint_file(ckpt_path, mmap=True)
+
     def instantiate_trainer(self, **kwargs: Any):
         """The model's setup decides the strategy; a recipe that also sets one differently is an error."""
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -28,6 +97,9 @@ class RelaxCLI(LightningCLI):
                 )
             kwargs[key] = value
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        continue_logging(self.trainer, self._get(self.config, "ckpt_path"))
 
 
 def main(
@@ -43,5 +115,5 @@ def main(
         run=run,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+        trainer_defaults={"plugins": [AtomicCheckpointIO()], "callbacks": [LoggerRun()]},
     )

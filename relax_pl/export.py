@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 import yaml
 from jsonargparse import ArgumentParser
 from torch import Tensor, nn
 
+from relax_pl.checkpointing import CheckpointError, load_checkpoint_file, load_sharded_keys
 from relax_pl.models import load_causal_lm, load_tokenizer
 from relax_pl.module import RLVRModule
 from relax_pl.setups import QLoRA
@@ -52,19 +52,20 @@ def load_policy_state(ckpt_path: str | Path) -> dict[str, Tensor]:
     """The policy's tensors in a checkpoint, keyed as in the policy (the module's ``policy.`` prefix removed).
 
     A folder is a sharded (distributed) checkpoint and is consolidated here; a file is a Lightning checkpoint.
+    Either is read as tensors and plain data only (:mod:`relax_pl.checkpointing`): one whose pickle carries code is
+    refused with a :class:`~relax_pl.checkpointing.CheckpointError` naming the file.
     """
     path = Path(ckpt_path)
     if path.is_dir():
         if not (path / ".metadata").is_file():
             raise FileNotFoundError(f"checkpoint folder {str(path)!r} has no .metadata: not a sharded checkpoint")
         # Reads only the model entry (not the optimiser state) into this process, without a process group.
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-        state = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(path))["state_dict"]
-    elif path.is_file():
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
-    else:
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        state = load_sharded_keys({"state_dict"}, path)["state_dict"]
+    else:  # tensors and plain data only: a shared checkpoint cannot run code here
+        checkpoint = load_checkpoint_file(path, mmap=True)
+        if "state_dict" not in checkpoint:
+            raise ValueError(f"checkpoint {str(path)!r} has no state_dict: not a Lightning checkpoint")
+        state = checkpoint["state_dict"]
     policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
     if not policy:
         raise ValueError(f"checkpoint {str(path)!r} holds no policy weights (no state_dict key starts with 'policy.')")
@@ -133,7 +134,10 @@ def main(args: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--out", required=True, help="folder to write model/ (and adapter/) into")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parsed = parser.parse_args(args)
-    written = export(parsed.config, parsed.ckpt_path, parsed.out, parsed.dtype)
+    try:
+        written = export(parsed.config, parsed.ckpt_path, parsed.out, parsed.dtype)
+    except (CheckpointError, FileNotFoundError) as error:  # the message names the file and what to do
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     for kind, folder in written.items():
         print(f"{kind}: {folder}")
     return written

@@ -134,10 +134,12 @@ class RLVRModule(L.LightningModule):
         self._reference: list[nn.Module | None] = [None]  # a list keeps it out of state_dict and .parameters()
         self._scorer: BoundedScorer | None = None
         self._reward_failures = 0  # over the run, kept in checkpoints
+        self._skipped_updates = 0  # optimiser steps skipped for a non-finite gradient, over the run, kept too
         self._resumed_rng_states: dict[str, Any] | None = None  # set on resume, applied in on_train_start
         self._step_reward_failures = (0, 0)  # (timeouts, errors) of the latest scoring call
         self._skipped_long_prompts: int | None = None  # rows left out at setup (sampling.on_long_prompt: skip)
         self._val_metrics: dict[str, MeanMetric] = {}  # plain dict: never in state_dict, never sharded
+        self._rng_before_validation: tuple[Tensor, list[Tensor]] | None = None  # restored after validation
         self._step_timer: PhaseTimer | None = None  # the running training step's
 
     # ----------------------------------------------------------------------------------------- building
@@ -197,7 +199,8 @@ class RLVRModule(L.LightningModule):
             self._reference[0].to(self.device)
 
     def setup(self, stage: str) -> None:
-        self._scorer = BoundedScorer(self.reward)
+        per_node = self.trainer.num_devices if self._trainer is not None else 1  # each its own scoring pool
+        self._scorer = BoundedScorer(self.reward, processes_per_node=per_node)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if stage == "fit":
             self.check_update_plan(getattr(datamodule, "batch_size", None))
@@ -451,6 +454,7 @@ class RLVRModule(L.LightningModule):
                     optimizer.step()
                 else:  # a non-finite gradient would poison the weights and every checkpoint after them
                     optimizer.zero_grad(set_to_none=True)
+                    self._skipped_updates += 1
                 stats.add(
                     {
                         "actor/grad_norm": float(grad_norm) if finite else float("nan"),
@@ -458,7 +462,7 @@ class RLVRModule(L.LightningModule):
                         "actor/skipped_updates": float(not finite),
                     }
                 )
-        return stats.means()
+        return {**stats.means(), "actor/skipped_updates_total": float(self._skipped_updates)}
 
     def shuffled_groups(self, rollout: RolloutBatch) -> Tensor:
         """All rows, groups in random order, each group's rows kept together."""
@@ -608,6 +612,18 @@ class RLVRModule(L.LightningModule):
 
     test_step = validation_step
 
+    def on_validation_start(self) -> None:
+        # Validation samples from a copy of the generators, so training draws the same numbers whether a validation
+        # ran or not: a run resumed from the checkpoint written just before a validation does not run it again.
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        self._rng_before_validation = (torch.get_rng_state(), cuda)
+
+    def on_validation_end(self) -> None:
+        cpu, cuda = self._rng_before_validation
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
     def val_metric(self, name: str) -> MeanMetric:
         if name not in self._val_metrics:
             self._val_metrics[name] = MeanMetric(nan_strategy="ignore").to(self.device)
@@ -680,6 +696,7 @@ class RLVRModule(L.LightningModule):
             torch.distributed.all_gather_object(per_rank, checkpoint["rng_states"])
             checkpoint["rng_states_per_rank"] = per_rank
         checkpoint["reward_failures_total"] = self._reward_failures
+        checkpoint["skipped_updates_total"] = self._skipped_updates
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.model_setup.check_checkpoint(self.policy, checkpoint)
@@ -691,6 +708,7 @@ class RLVRModule(L.LightningModule):
         # seed from the global generator (an uninterrupted run drew it before its first step, not here)
         self._resumed_rng_states = states or None
         self._reward_failures = checkpoint.get("reward_failures_total", 0)
+        self._skipped_updates = checkpoint.get("skipped_updates_total", 0)
 
     def on_train_start(self) -> None:
         states, self._resumed_rng_states = self._resumed_rng_states, None

@@ -335,6 +335,13 @@ class ShardedDataParallel(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Tensors and plain data only, sharded folders included (see :mod:`relax_pl.checkpointing`)."""
+        from relax_pl.checkpointing import safe_sharded_loading
+
+        with safe_sharded_loading():
+            return super().load_checkpoint(checkpoint_path, weights_only=True)
+
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,14 +1,18 @@
-"""Helpers for the tests: classes that test recipes name (importable with tests/ on PYTHONPATH) and a reader of
-what a run logged to TensorBoard.
+"""Helpers for the tests: classes that test recipes name (importable with tests/ on PYTHONPATH), readers of what a
+run wrote (TensorBoard scalars, a checkpoint's policy weights) and fault injectors.
 
 ``ShardProbe`` writes what each rank saw to ``<out>/rank<k>.json``: the rank-local and global shapes of the
-sharded parameters, and per step the responses' lengths, the prompt row of every response and whether the
-advantages are the per-group ones of that rank's own rewards.
+sharded parameters, which modules FSDP wraps, and per step the responses' lengths, the prompt row of every
+response and whether the advantages are the per-group ones of that rank's own rewards. ``KillAt`` SIGKILLs a run
+inside a phase of a step; ``NonFiniteLossAt`` makes one step's loss NaN. The rewards are in probe_rewards.py.
 """
 
 from __future__ import annotations
 
+import io as io_module
 import json
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -16,16 +20,25 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.tensor import DTensor
 
-from relax_pl.extension import RLVRCallback
+from relax_pl.checkpointing import load_checkpoint_file
+from relax_pl.extension import LossTerms, RLVRCallback
+from relax_pl.models import load_causal_lm
 from relax_pl.objectives import group_advantages
-from relax_pl.rewards import VerifiableReward
+
+# the rewards live in a light module of their own (scoring workers import it); recipes may name them here
+from probe_rewards import (  # noqa: F401
+    EvenRowsParityReward,
+    FlakyReward,
+    LengthParityReward,
+    ParityAccuracyReward,
+)
 
 
-class LengthParityReward(VerifiableReward):
-    """1 for a response of an even number of characters: rewards that differ within a group, so advantages do."""
+def fsdp_units(model: torch.nn.Module) -> list[str]:
+    """The names of the modules ``fully_shard`` was applied to ("" is the root)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    def score(self, completion: str, sample: dict) -> dict[str, float]:
-        return {"overall": float(len(completion) % 2 == 0)}
+    return [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
 
 
 def shard_shapes(model: torch.nn.Module) -> dict[str, dict[str, list[int]]]:
@@ -49,6 +62,9 @@ class ShardProbe(RLVRCallback):
         self.record["policy"] = shard_shapes(module.policy)
         reference = module._reference[0]
         self.record["reference"] = shard_shapes(reference) if reference is not None else None
+        self.record["fsdp_units"] = {
+            "policy": fsdp_units(module.policy), "reference": fsdp_units(reference) if reference is not None else None
+        }
 
     def on_rollout_end(self, trainer, module, rollout) -> None:
         size = rollout.group_size
@@ -68,6 +84,136 @@ class ShardProbe(RLVRCallback):
     def on_fit_end(self, trainer, module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+
+
+# ------------------------------------------------------------------------------------------------ faults
+class KillAt(RLVRCallback):
+    """SIGKILLs its own process in the middle of one phase of training batch ``step`` (0-based) and writes
+    ``marker`` (JSON: what it interrupted) just before, so a test can tell the kill landed where it meant:
+
+    - ``generation``: at the third forward of the policy during that batch's ``generate`` (tokens decoded);
+    - ``update``: before the second optimiser step of that batch (the first one applied, the rest not);
+    - ``checkpoint_write``: halfway through the bytes of the first checkpoint file written after that batch
+      (flushed and fsynced, so the partial temporary file is on disk);
+    - ``validation``: at the start of the second validation batch after that batch.
+    """
+
+    PHASES = ("generation", "update", "checkpoint_write", "validation")
+
+    def __init__(self, phase: str, step: int, marker: str) -> None:
+        if phase not in self.PHASES:
+            raise ValueError(f"phase must be one of {self.PHASES}, got {phase!r}")
+        self.phase, self.step, self.marker = phase, step, Path(marker)
+        self.batch = -1
+        self.optimizer_steps = 0
+
+    def die(self, trainer, **details) -> None:
+        record = {"phase": self.phase, "batch": self.batch, "global_step": trainer.global_step, **details}
+        self.marker.write_text(json.dumps(record))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def setup(self, trainer, module, stage: str) -> None:
+        if self.phase == "checkpoint_write":
+            io = trainer.strategy.checkpoint_io
+            write = io.write
+
+            def write_half_then_die(checkpoint, file) -> None:
+                if self.batch < self.step:
+                    return write(checkpoint, file)
+                buffer = io_module.BytesIO()
+                torch.save(checkpoint, buffer)
+                data = buffer.getvalue()
+                file.write(data[: len(data) // 2])
+                file.flush()
+                os.fsync(file.fileno())
+                self.die(trainer, file=file.name, written=len(data) // 2, size=len(data))
+
+            io.write = write_half_then_die
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        self.batch, self.optimizer_steps = batch_idx, 0
+        if self.phase == "generation" and batch_idx == self.step:
+            generate, forwards = module.generate, []
+
+            def count_forwards(*_args) -> None:
+                forwards.append(1)
+                if len(forwards) == 3:
+                    self.die(trainer, forwards=3)
+
+            def generate_then_stop(*args, **kwargs):
+                handle = module.policy.register_forward_hook(count_forwards)
+                try:
+                    return generate(*args, **kwargs)
+                finally:
+                    handle.remove()
+
+            module.generate = generate_then_stop
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        self.optimizer_steps += 1
+        if self.phase == "update" and self.batch == self.step and self.optimizer_steps == 2:
+            self.die(trainer, optimizer_steps_applied=1)
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.phase == "validation" and self.batch >= self.step and batch_idx == 1:
+            self.die(trainer, validation_batch=1)
+
+
+class NonFiniteLossAt(RLVRCallback):
+    """Adds a NaN loss term during training batch ``step`` and records whether the policy's weights came out of
+    that batch unchanged (``unchanged``) and that they changed in the other batches (``changed``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.batch = -1
+        self.unchanged: bool | None = None
+        self.changed: list[bool] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        self.batch = batch_idx
+        self.before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+
+    def policy_loss_terms(self, trainer, module, forward):
+        if self.batch != self.step:
+            return None
+        return LossTerms(losses={"probe/nan": forward.logp.sum() * float("nan")})
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        same = all(torch.equal(p, self.before[n]) for n, p in module.policy.named_parameters())
+        if batch_idx == self.step:
+            self.unchanged = same
+        else:
+            self.changed.append(not same)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def policy_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The policy tensors of a checkpoint file, keyed as in the policy (read with weights_only=True)."""
+    state = load_checkpoint_file(checkpoint)["state_dict"]
+    return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+
+
+def moved_weights(weights: dict[str, torch.Tensor], pretrained: Path) -> list[str]:
+    """The names of ``weights`` that differ from the starting model's: empty when training changed nothing."""
+    start = load_causal_lm(str(pretrained)).state_dict()
+    return [name for name, tensor in weights.items() if not torch.equal(tensor, start[name])]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        torch.testing.assert_close(tensor, b[name], rtol=0, atol=0, msg=name)
+
+
+def tensorboard_run(folder: Path) -> tuple[list[str], dict[str, list[tuple[int, float]]]]:
+    """The run folders (logger versions) under ``folder`` and, for the only one, each tag's ``(step, value)``
+    points as TensorBoard shows them (events files merged, what a ``purge_step`` hid left out)."""
+    runs = sorted({str(p.parent.relative_to(folder)) for p in folder.rglob("events.out.tfevents.*")})
+    if len(runs) != 1:
+        return runs, {}
+    acc = EventAccumulator(str(folder / runs[0]), size_guidance={"scalars": 0})
+    acc.Reload()
+    return runs, {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def tensorboard_logs(folder: Path) -> tuple[dict[str, list[float]], set[str]]:

@@ -3,18 +3,25 @@ import pickle
 import signal
 import threading
 import time
+import warnings
 
 import pytest
 
 from relax_pl.rewards import (
+    DIRECT_CALL_OVERHEAD_S,
+    TIMED_OUT,
     BoundedScorer,
     Geo3kReward,
     MathReward,
+    RewardTimeoutWarning,
     ScoredBatch,
     VerifiableReward,
+    answers_match,
     clean_answer,
+    default_workers,
     last_boxed,
 )
+from relax_pl.rewards import bounded, direct
 
 # (completion, answer, accuracy, format) for MathReward
 GRADER_TABLE = [
@@ -181,14 +188,18 @@ def test_scorer_well_behaved_batch_is_fast(math_scorer):
     assert elapsed < 2.0  # well under 1 s on an idle core; generous for a shared machine
 
 
+HOSTILE = [  # benchmarks/direct_call_bound.py times these as direct calls
+    r"\boxed{9^{9^{9^{9}}}}",  # sympy would try to build a number of 9^387420489 digits
+    "x" * 1_000_000,
+    r"\boxed{" + "{" * 10_000 + "5" + "}" * 10_000 + "}",
+    r"\boxed{" + "{" * 40 + "5" + "}" * 40 + "}",  # short, but math-verify's set parsing explodes
+    r"\boxed{" + "5" * 1_000_000 + "}",
+]
+HANGS = {HOSTILE[0], HOSTILE[3]}  # the two that never finish without a bound
+
+
 def test_scorer_hostile_batch_is_bounded(math_scorer):
-    hostile = [
-        r"\boxed{9^{9^{9^{9}}}}",  # sympy would try to build a number of 9^387420489 digits
-        "x" * 1_000_000,
-        r"\boxed{" + "{" * 10_000 + "5" + "}" * 10_000 + "}",
-        r"\boxed{" + "{" * 40 + "5" + "}" * 40 + "}",  # short, but math-verify's set parsing explodes
-        r"\boxed{" + "5" * 1_000_000 + "}",
-    ]
+    hostile = HOSTILE
     start = time.perf_counter()
     batch = math_scorer([*hostile, r"fine: \boxed{5}"], _samples(len(hostile) + 1))
     elapsed = time.perf_counter() - start
@@ -247,7 +258,7 @@ def test_custom_reward_through_the_scorer():
     batch = copy(["5", "6"], _samples(2))
     assert batch.components == {"overall": [1.0, 0.0], "exact": [1.0, 0.0]}
     copy.close()
-    assert copy._process is None
+    assert copy._workers == []
     scorer.close()
 
 
@@ -262,3 +273,150 @@ def test_scorer_rejects_bad_input(math_scorer):
         BoundedScorer(unpicklable)
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         BoundedScorer(ExactMatch(), timeout_s=-1.0)
+
+
+# ------------------------------------------------------------------------------------------------ direct calls
+def _timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("completion", HOSTILE, ids=["power_tower", "1e6_chars", "10k_braces", "40_braces", "1e6_digits"])
+def test_direct_score_call_is_bounded(completion):
+    """A user's own evaluation script calling MathReward().score: each hostile completion returns within
+    timeout_s + DIRECT_CALL_OVERHEAD_S (before: the power tower and the 40 braces never returned)."""
+    reward = MathReward(timeout_s=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores, elapsed = _timed(reward.score, completion, {"prompt": "p", "answer": "5"})
+    print(f"direct call: {elapsed:.2f} s -> {scores}")
+    assert elapsed < reward.timeout_s + DIRECT_CALL_OVERHEAD_S
+    if completion in HANGS:
+        assert scores == {"overall": 0.0, TIMED_OUT: 1.0}
+        assert [w.category for w in caught] == [RewardTimeoutWarning]
+        assert "MathReward.score gave up after 1 s" in str(caught[0].message)
+    else:
+        assert scores["overall"] == 0.0 and TIMED_OUT not in scores and not caught
+
+
+def test_direct_calls_from_threads_and_helpers_are_bounded():
+    reward = MathReward(timeout_s=1.0)
+    results = {}
+
+    def score(key: str, completion: str) -> None:
+        results[key] = _timed(reward.score, completion, {"prompt": "p", "answer": r"2\sqrt{3}"})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RewardTimeoutWarning)
+        calls = [("hang", HOSTILE[0]), ("ok", r"\boxed{2\sqrt 3}")]
+        threads = [threading.Thread(target=score, args=call) for call in calls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert results["hang"][0] == {"overall": 0.0, TIMED_OUT: 1.0}
+    assert results["ok"][0] == {"accuracy": 1.0, "format": 1.0, "overall": 1.0}
+    assert max(elapsed for _, elapsed in results.values()) < 1.0 + DIRECT_CALL_OVERHEAD_S
+    # the grading helper is bounded too; its cheap exact-match path needs no child process
+    assert answers_match(r"\dfrac{1}{2}", r"\frac{1}{2}") and answers_match("0.5", r"\frac{1}{2}")
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match=r"answers_match gave up on '9\^\{9"):
+        answers_match("9^{9^{9^{9}}}", "5", timeout_s=0.5)
+    assert time.perf_counter() - start < 0.5 + DIRECT_CALL_OVERHEAD_S
+
+
+def test_direct_call_reraises_errors_and_reports_crashes():
+    reward = Misbehaving(timeout_s=0.5)
+    with pytest.raises(ValueError, match="cannot grade this one") as raised:
+        reward.score("raise", {})
+    assert "Misbehaving.score's scoring process" in "".join(getattr(raised.value, "__notes__", []))
+    with pytest.raises(RuntimeError, match=r"Misbehaving.score crashed its scoring process \(exit code -11\)"):
+        reward.score("segfault", {})
+    with pytest.warns(RewardTimeoutWarning):
+        assert reward.score("hang", {}) == {"overall": 0.0, TIMED_OUT: 1.0}
+    assert reward.score("ok", {}) == {"overall": 1.0, "extra": 2.0}
+
+
+def test_notebook_reward_and_subclass_calls_are_bounded_once():
+    """A reward defined in a function (as in a notebook: not importable, not picklable) scores directly, and a
+    subclass calling super().score() is bounded once, in one child process."""
+
+    class Notebook(MathReward):
+        def score(self, completion: str, sample: dict) -> dict[str, float]:
+            scores = super().score(completion, sample)
+            return {**scores, "pid": float(os.getpid()), "length": float(len(completion))}
+
+    reward = Notebook(timeout_s=0.5)
+    scores = reward.score(r"\boxed{5}", {"prompt": "p", "answer": "5"})
+    assert scores["accuracy"] == 1.0 and scores["length"] == 9.0
+    assert scores["pid"] != os.getpid()  # it ran in a child
+    with pytest.warns(RewardTimeoutWarning):
+        scores, elapsed = _timed(reward.score, HOSTILE[3], {"prompt": "p", "answer": "5"})
+    assert scores == {"overall": 0.0, TIMED_OUT: 1.0} and elapsed < 0.5 + DIRECT_CALL_OVERHEAD_S
+    assert Geo3kReward.score is MathReward.score  # inherited, wrapped once
+
+
+def test_direct_call_without_fork_uses_a_worker(monkeypatch):
+    monkeypatch.setattr(direct, "can_fork", lambda: False)
+    start = time.perf_counter()
+    assert Misbehaving(timeout_s=0.5).score("hang", {}) == {"overall": 0.0, TIMED_OUT: 1.0}
+    assert time.perf_counter() - start < 30  # mostly the worker's start
+    with pytest.raises(RuntimeError, match="cannot grade this one"):
+        Misbehaving().score("raise", {})
+
+
+# ------------------------------------------------------------------------------------------------ worker pool
+class SleepyEcho(VerifiableReward):
+    """Returns the sample's index after sleeping what the sample says: later responses can finish first."""
+
+    def score(self, completion: str, sample: dict) -> dict[str, float]:
+        if completion == "stuck":  # in C code the worker's interval timer cannot interrupt: only a kill stops it
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            time.sleep(30)
+        time.sleep(sample["sleep"])
+        return {"overall": float(sample["index"]), "pid": float(os.getpid())}
+
+
+def test_default_workers_divides_the_free_cores():
+    assert default_workers(cores=2) == 1
+    assert default_workers(cores=16) == 8  # capped: each worker holds its own grader
+    assert default_workers(cores=16, cap=32) == 15
+    assert default_workers(processes_per_node=8, cores=96) == 8
+    assert default_workers(processes_per_node=8, cores=32) == 3  # 4 cores per rank, one for the rank itself
+    assert default_workers(processes_per_node=8, cores=8) == 1
+    assert 1 <= default_workers() <= bounded.MAX_DEFAULT_WORKERS
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        MathReward(workers=0)
+    assert BoundedScorer(MathReward(workers=3)).workers == 3
+    assert BoundedScorer(MathReward(), processes_per_node=64).workers == 1
+
+
+def test_pool_keeps_input_order_and_survives_a_stuck_worker():
+    samples = [{"prompt": "p", "answer": "", "index": i, "sleep": 0.3 if i % 3 == 0 else 0.0} for i in range(9)]
+    completions = ["fine"] * 9
+    completions[4] = "stuck"
+    with BoundedScorer(SleepyEcho(), timeout_s=1.0, workers=3) as scorer:
+        scorer(["fine"] * 3, samples[:3])  # start the workers
+        before = {w.process.pid for w in scorer._workers}
+        batch = scorer(completions, samples)
+        after = {w.process.pid for w in scorer._workers}
+    assert batch.components["overall"] == [float(i) if i != 4 else 0.0 for i in range(9)]  # input order
+    assert (batch.timeouts, batch.errors) == (1, 0)
+    assert len(set(batch.components["pid"]) - {0.0}) > 1  # the work was shared
+    assert len(before - after) == 1 and len(after) == 3  # the stuck worker alone was killed and replaced
+
+
+def test_pool_gives_the_same_rewards_as_one_worker():
+    answers = ["5", r"\frac{1}{2}", "60", r"2\sqrt{3}"]
+    completions = [
+        r"so \boxed{5}", r"\boxed{0.5}", r"\boxed{60^\circ}", r"\boxed{\sqrt{12}}", r"\boxed{6}", "no box",
+        HOSTILE[0], r"\boxed{\frac{2}{4}}", HOSTILE[3], r"\boxed{3\sqrt{2}}", "x" * 10_000, r"\boxed{5 \text{ cm}}",
+    ]
+    samples = [{"prompt": "p", "answer": answers[i % 4]} for i in range(len(completions))]
+    reward = Geo3kReward(timeout_s=1.0)
+    with BoundedScorer(reward, workers=1) as one, BoundedScorer(reward, workers=3) as three:
+        batches = one(completions, samples), three(completions, samples)
+    assert batches[0] == batches[1]
+    assert batches[0].timeouts == 2 and batches[0].errors == 0
+    assert sum(batches[0].components["accuracy"]) == 4

@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM
 
+from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.cli import main
 from relax_pl.export import export, load_policy_state
 from relax_pl.models import build_tiny_model, load_causal_lm
@@ -20,7 +21,7 @@ from relax_pl.objectives import kl_penalty
 from relax_pl.setups import FSDP, QLoRA, SingleDevice, keep_cpu_weights_trainable
 from relax_pl.testing import save_tiny_model
 
-from probes import tiny_recipe
+from probes import moved_weights, policy_weights, tiny_recipe
 
 TESTS = Path(__file__).parent
 LORA = {"dtype": "float32", "rank": 8, "alpha": 16, "dropout": 0.0}
@@ -119,7 +120,7 @@ def test_qlora_trains_the_adapter_only_and_the_reference_is_the_base(qlora_run, 
 
 def test_qlora_checkpoint_holds_adapter_and_optimizer_only(qlora_run):
     folder, _, module = qlora_run
-    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint_file(folder / "checkpoints" / "last.ckpt")
     keys = set(ckpt["state_dict"])
     expected = {f"policy.{n}" for n, p in module.policy.named_parameters() if p.requires_grad}
     assert keys == expected
@@ -135,12 +136,15 @@ def test_qlora_resume_is_exact(tmp_path, tiny_model, qlora_run):
     straight_folder, _, _ = qlora_run
     recipe = write_recipe(tmp_path, tiny_model, qlora_setup(), max_steps=2)
     main(["fit", "--config", str(recipe), "--ckpt_path", str(straight_folder / "checkpoints" / "epoch=0-step=1.ckpt")])
-    a = torch.load(straight_folder / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    a = load_checkpoint_file(straight_folder / "checkpoints" / "last.ckpt")
+    b = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 2
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for name, tensor in a["state_dict"].items():
         torch.testing.assert_close(tensor, b["state_dict"][name], rtol=0, atol=0, msg=name)
+    # the resumed step trained the adapter: a resume that restored only the step count would end elsewhere
+    first = load_checkpoint_file(straight_folder / "checkpoints" / "epoch=0-step=1.ckpt")["state_dict"]
+    assert any(not torch.equal(first[name], tensor) for name, tensor in b["state_dict"].items())
 
 
 def test_qlora_export_adapter_and_merged_model(qlora_run, tiny_model, tmp_path):
@@ -157,17 +161,65 @@ def test_qlora_export_adapter_and_merged_model(qlora_run, tiny_model, tmp_path):
         plain_logits = plain(ids).logits
     torch.testing.assert_close(merged_logits, adapter_logits, rtol=0, atol=1e-4)
     assert (merged_logits - plain_logits).abs().max() > 1e-3  # the update survived the merge
-    saved = {k.removeprefix("policy."): v for k, v in torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].items()}
+    saved = policy_weights(folder / "checkpoints" / "last.ckpt")
     adapter_state = with_adapter.state_dict()
     for name, tensor in saved.items():
         torch.testing.assert_close(adapter_state[name], tensor, rtol=0, atol=0, msg=name)
     assert (written["model"] / "tokenizer.json").is_file() and (written["adapter"] / "adapter_config.json").is_file()
 
 
+def test_export_command_writes_a_bf16_merged_model(qlora_run, tiny_model, tmp_path):
+    """``python -m relax_pl export`` as the README shows it (bf16 by default): a bf16 model that is closer to the
+    trained policy (the 4-bit base with the adapter) than the base is: the update survived the merge."""
+    folder, recipe, _ = qlora_run
+    out = tmp_path / "export"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "relax_pl", "export", "--config", str(recipe),
+         "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"), "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["adapter:", str(out / "adapter"), "model:", str(out / "model")]
+    assert "reloaded in bfloat16" in (out / "model" / "README.md").read_text()
+    merged = AutoModelForCausalLM.from_pretrained(out / "model", dtype="auto").eval()
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "adapter").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        target = trained(ids).logits
+        merged_error = (merged(ids).logits.float() - target).abs().mean()
+        base_error = (plain(ids).logits - target).abs().mean()
+    assert merged_error < base_error / 4, (float(merged_error), float(base_error))
+
+
 def test_paged_adamw_8bit_steps_the_adapter(tmp_path, tiny_model):
+    import bitsandbytes as bnb
+
     recipe = write_recipe(tmp_path, tiny_model, qlora_setup(), max_steps=1, optimizer={"name": "paged_adamw_8bit", "lr": 1e-2})
-    module = main(["fit", "--config", str(recipe)]).model
-    assert all(p.abs().max() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)
+    cli = main(["fit", "--config", str(recipe)])
+    assert type(cli.trainer.optimizers[0]) is bnb.optim.PagedAdamW8bit
+    assert all(p.abs().max() > 0 for n, p in cli.model.policy.named_parameters() if "lora_B" in n)
+
+
+def test_adamw_8bit_keeps_8bit_state(tmp_path, tiny_model):
+    """The 8-bit optimiser is the one that steps, and its moments are 8-bit (bitsandbytes keeps tensors under
+    4096 elements, such as the tiny model's biases and LoRA matrices, in 32 bits)."""
+    import bitsandbytes as bnb
+
+    recipe = write_recipe(tmp_path, tiny_model, {"class_path": "relax_pl.setups.SingleDevice"}, max_steps=1,
+                          optimizer={"name": "adamw_8bit", "lr": 1e-2})
+    cli = main(["fit", "--config", str(recipe)])
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer) is bnb.optim.AdamW8bit
+    large = [p for p in cli.model.policy.parameters() if p.numel() >= 4096]
+    assert large and all(optimizer.state[p]["state1"].dtype == torch.uint8 for p in large)
+    assert all(optimizer.state[p]["state2"].dtype == torch.uint8 for p in large)
+    saved = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")["optimizer_states"][0]["state"]
+    quantised = [state["__bnb_optimizer_quant_state__"] for state in saved.values()]  # bitsandbytes' own key
+    assert sum(q["state1"].dtype == torch.uint8 for q in quantised) == len(large)  # and so in the checkpoint
+    assert moved_weights(policy_weights(tmp_path / "checkpoints" / "last.ckpt"), tiny_model)
 
 
 def test_lora_target_that_matches_nothing_names_the_layers(tiny_model):
@@ -195,6 +247,9 @@ def test_impossible_combinations_fail_early(tmp_path, tiny_model, capsys):
         os.environ.update(environ)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    recipe = write_recipe(tmp_path / "s", tiny_model, {"class_path": "relax_pl.setups.SingleDevice"})
+    with pytest.raises(ValueError, match=r"trainer.strategy='ddp' conflicts with model.setup \(SingleDevice uses 'auto'\)"):
+        main(["fit", "--config", str(recipe), "--trainer.strategy", "ddp"])
     assert isinstance(SingleDevice().trainer_overrides()["devices"], int)
     assert FSDP().trainer_overrides()["strategy"].__class__.__name__ == "ShardedDataParallel"
 
@@ -233,6 +288,8 @@ def test_fsdp_shards_every_block_across_two_processes(fsdp_run):
     _, _, probes = fsdp_run
     assert [p["rank"] for p in probes] == [0, 1] and probes[0]["world_size"] == 2
     for model in ("policy", "reference"):
+        # fully_shard per decoder block, then the root (root-only sharding would gather the whole model at once)
+        assert probes[0]["fsdp_units"][model] == ["", "model.layers.0", "model.layers.1"], probes[0]["fsdp_units"]
         shapes = [p[model] for p in probes]
         block_params = [n for n in shapes[0] if ".layers." in n]
         assert len(block_params) >= 2 * 9  # 2 decoder blocks, each sharded

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from transformers import Qwen2_5_VLProcessor
 
+from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.cli import main
 from relax_pl.data import DataError, PromptDataModule, build_messages, geometry
 from relax_pl.data.tasks import GEOMETRY_PROBLEMS, geometry_answer, geometry_problems
@@ -22,7 +23,7 @@ from relax_pl.rollout import SamplingConfig
 from relax_pl.testing import VL_CHAT_TEMPLATE, save_tiny_vl_model
 from relax_pl.vision import ImageTextProcessor, VisionConfig, expand_image_tokens
 
-from probes import tensorboard_logs, tiny_recipe
+from probes import moved_weights, policy_weights, tensorboard_logs, tiny_recipe
 
 
 SYSTEM = "Given the images and the question, please reason step by step, and put your final answer within \\boxed{}."
@@ -96,6 +97,7 @@ def test_two_step_fit_with_relax_callbacks_logs_and_validates(vl_run):
     assert 0 <= values["val/accuracy/mean@3"][0] <= values["val/accuracy/pass@3"][0] <= 1
     assert values["val/accuracy"][0] == pytest.approx(values["val/accuracy/mean@3"][0], abs=1e-6)
     assert "samples/images" in images
+    assert moved_weights(policy_weights(folder / "checkpoints" / "last.ckpt"), module.pretrained)  # it trained
 
 
 def geometry_batch(module: RLVRModule) -> list[dict]:
@@ -168,7 +170,7 @@ def test_validate_evaluates_a_checkpoint_without_training(vl_run, tiny_vl):
     metrics = cli.trainer.callback_metrics
     for name in ("val/accuracy", "val/reward", "val/accuracy/mean@3", "val/accuracy/pass@3", "val/accuracy/greedy"):
         assert name in metrics, sorted(metrics)
-    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    saved = load_checkpoint_file(ckpt)["state_dict"]
     state = cli.model.state_dict()
     assert cli.trainer.global_step == 0  # nothing trained
     for name in ("policy.lm_head.weight", "policy.model.visual.blocks.0.mlp.up_proj.weight"):

@@ -8,7 +8,8 @@ from typing import Literal
 
 from math_verify import parse, verify
 
-from relax_pl.rewards.base import VerifiableReward
+from relax_pl.rewards.base import VerifiableReward, in_scoring_process
+from relax_pl.rewards.direct import TimedOut, call_in_child, can_fork
 
 # A real final answer is short; longer boxed content is graded 0 without being handed to sympy.
 MAX_BOXED_CHARS = 1000
@@ -28,7 +29,7 @@ _CHOICE_LETTER = re.compile(r"^\(([A-Za-z])\)$")
 
 
 class _DropTimeoutWarning(logging.Filter):
-    # math-verify warns once per process that its signal timeouts are off; BoundedScorer bounds the time.
+    # math-verify warns once per process that its signal timeouts are off; relax_pl bounds the time itself.
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Timeout is disabled")
 
@@ -75,12 +76,17 @@ def clean_answer(answer: str) -> str:
     return _CHOICE_LETTER.sub(r"\1", s)
 
 
-def answers_match(prediction: str, gold: str) -> bool:
+def answers_match(prediction: str, gold: str, timeout_s: float = 1.0) -> bool:
     """Whether ``prediction`` equals ``gold``: equal once cleaned and without spaces, else equal for
     math-verify (symbolic, numbers rounded to 6 decimals).
 
-    math-verify's own timeouts use ``signal.alarm``, which works only in a main thread, so they are off
-    here: the caller bounds the time (see :class:`~relax_pl.rewards.BoundedScorer`).
+    The symbolic comparison is bounded: called directly, it runs in a forked child that is given up after
+    ``timeout_s`` (``TimeoutError``); inside a reward's ``score`` it runs as is, because the scoring process
+    already bounds the time (:class:`~relax_pl.rewards.VerifiableReward`). math-verify's own timeouts stay off:
+    they use ``signal.alarm``, which works only in a main thread, in whole seconds per parse or comparison.
+
+    Raises:
+        TimeoutError: called directly, the symbolic comparison took longer than ``timeout_s``.
     """
     if len(prediction) > MAX_BOXED_CHARS:
         return False
@@ -89,6 +95,16 @@ def answers_match(prediction: str, gold: str) -> bool:
         return False
     if prediction.replace(" ", "") == gold.replace(" ", ""):
         return True
+    if in_scoring_process() or not can_fork():
+        return symbolic_match(prediction, gold)
+    try:
+        return call_in_child(symbolic_match, (prediction, gold), timeout_s, "answers_match")
+    except TimedOut:
+        raise TimeoutError(f"answers_match gave up on {prediction[:80]!r} after {timeout_s:g} s") from None
+
+
+def symbolic_match(prediction: str, gold: str) -> bool:
+    """math-verify's verdict on two cleaned answers, unbounded: call it where the time is bounded."""
     gold_parsed = parse(f"${gold}$", parsing_timeout=None)
     prediction_parsed = parse(f"${prediction}$", parsing_timeout=None)
     if not gold_parsed or not prediction_parsed:
@@ -107,6 +123,7 @@ class MathReward(VerifiableReward):
         accuracy_weight: weight of accuracy in ``overall``.
         format_weight: weight of format in ``overall``.
         timeout_s: wall-time bound for scoring one response.
+        workers: scoring processes in training (see :class:`~relax_pl.rewards.VerifiableReward`).
 
     Example::
 
@@ -115,8 +132,14 @@ class MathReward(VerifiableReward):
         # {'accuracy': 1.0, 'format': 1.0, 'overall': 1.0}
     """
 
-    def __init__(self, accuracy_weight: float = 1.0, format_weight: float = 0.0, timeout_s: float = 1.0) -> None:
-        super().__init__(timeout_s=timeout_s)
+    def __init__(
+        self,
+        accuracy_weight: float = 1.0,
+        format_weight: float = 0.0,
+        timeout_s: float = 1.0,
+        workers: int | None = None,
+    ) -> None:
+        super().__init__(timeout_s=timeout_s, workers=workers)
         self.accuracy_weight = accuracy_weight
         self.format_weight = format_weight
 
@@ -148,6 +171,7 @@ class Geo3kReward(MathReward):
         accuracy_weight: weight of accuracy in ``overall``.
         format_weight: weight of format in ``overall``.
         timeout_s: wall-time bound for scoring one response.
+        workers: scoring processes in training (see :class:`~relax_pl.rewards.VerifiableReward`).
     """
 
     def __init__(
@@ -156,10 +180,11 @@ class Geo3kReward(MathReward):
         accuracy_weight: float = 0.9,
         format_weight: float = 0.1,
         timeout_s: float = 1.0,
+        workers: int | None = None,
     ) -> None:
         if format_template not in ("boxed", "think_boxed"):
             raise ValueError(f"format_template must be 'boxed' or 'think_boxed', got {format_template!r}")
-        super().__init__(accuracy_weight=accuracy_weight, format_weight=format_weight, timeout_s=timeout_s)
+        super().__init__(accuracy_weight, format_weight, timeout_s, workers)
         self.format_template = format_template
 
     def has_format(self, completion: str) -> bool:
