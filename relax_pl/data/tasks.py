@@ -101,6 +101,59 @@ def arithmetic(
     )
 
 
+WORD_NAMES = ("Mia", "Tom", "Ana", "Leo", "Sara", "Ben", "Noah", "Lily", "Omar", "Zoe")
+WORD_ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "shells")
+WORD_GAINS = ("buys {n} more {item}", "finds {n} more {item}", "gets {n} {item} from a friend")
+WORD_LOSSES = ("gives {n} {item} to a friend", "loses {n} {item}", "uses {n} {item}")
+
+
+def word_problems(
+    split: str, num_samples: int = 1000, steps: int = 2, max_value: int = 20, seed: int = 0
+) -> list[dict]:
+    """Short word problems that a model answers in a few sentences of reasoning, with exact integer answers:
+    ``{"problem": "Mia has 7 apples. She buys 5 more apples, then gives 3 apples to a friend. How many apples
+    does Mia have now?", "answer": "9"}``.
+
+    Each problem starts from a count in ``[2, max_value]`` and applies ``steps`` gains or losses of 1 to
+    ``max_value`` items (a loss never takes more than is there). Splits as in :func:`arithmetic`.
+
+    Raises:
+        ValueError: an option is out of range, or ``split`` is not one of ``train``, ``validation``, ``test``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"builtin:word_problems has no split {split!r}; choose one of {list(SPLITS)}")
+    if num_samples < 1 or steps < 1 or max_value < 2:
+        raise ValueError(
+            f"builtin:word_problems needs num_samples >= 1, steps >= 1 and max_value >= 2; "
+            f"got num_samples={num_samples}, steps={steps}, max_value={max_value}"
+        )
+    rng = random.Random(f"word_problems/{split}/{seed}")
+    rows: list[dict] = []
+    for _ in range(1000 * num_samples):
+        name, item = rng.choice(WORD_NAMES), rng.choice(WORD_ITEMS)
+        count = start = rng.randint(2, max_value)
+        actions = []
+        for _ in range(steps):
+            if count > 1 and rng.random() < 0.5:
+                n = rng.randint(1, min(max_value, count - 1))
+                actions.append(rng.choice(WORD_LOSSES).format(n=n, item=item))
+                count -= n
+            else:
+                n = rng.randint(1, max_value)
+                actions.append(rng.choice(WORD_GAINS).format(n=n, item=item))
+                count += n
+        problem = f"{name} has {start} {item}. {name} {', then '.join(actions)}. How many {item} does {name} have now?"
+        if split_of(problem) != split:
+            continue
+        rows.append({"problem": problem, "answer": str(count)})
+        if len(rows) == num_samples:
+            return rows
+    raise ValueError(
+        f"builtin:word_problems found too few {split!r} problems with steps={steps}, max_value={max_value}; "
+        "widen the problem space"
+    )
+
+
 GEOMETRY_PROBLEMS = ("angle", "hypotenuse", "leg", "rectangle_area", "triangle_area")
 PYTHAGOREAN_TRIPLES = ((3, 4, 5), (5, 12, 13), (8, 15, 17), (7, 24, 25), (20, 21, 29), (9, 40, 41))
 GEOMETRY_QUESTIONS = {
@@ -253,4 +306,8 @@ def geometry(
     return rows
 
 
-TASKS: dict[str, Callable[..., list[dict]]] = {"arithmetic": arithmetic, "geometry": geometry}
+TASKS: dict[str, Callable[..., list[dict]]] = {
+    "arithmetic": arithmetic,
+    "geometry": geometry,
+    "word_problems": word_problems,
+}
