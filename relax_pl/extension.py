@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import lightning as L
+import torch
 from torch import Tensor
 
 from relax_pl import objectives as obj
@@ -79,16 +80,12 @@ class MiniBatch:
     @property
     def split_rows(self) -> Tensor:
         """The rows whose prompt group is spread over more than one micro-batch."""
-        group_of = self.rollout.group_index
-        split = [rows for rows in self.micro_batches if len(rows)]
-        owner = {}
-        spread = set()
-        for k, rows in enumerate(split):
-            for group in group_of[rows].unique().tolist():
-                if owner.setdefault(group, k) != k:
-                    spread.add(group)
-        keep = [row for row in self.rows.tolist() if int(group_of[row]) in spread]
-        return self.rows.new_tensor(keep, dtype=self.rows.dtype)
+        groups = self.rollout.group_index
+        micro_of = torch.cat([torch.full_like(rows, k) for k, rows in enumerate(self.micro_batches)])
+        rows = torch.cat(self.micro_batches)
+        first = torch.full_like(groups, -1).scatter_reduce(0, groups[rows], micro_of, "amin", include_self=False)
+        last = torch.full_like(groups, -1).scatter_reduce(0, groups[rows], micro_of, "amax", include_self=False)
+        return rows[first[groups[rows]] != last[groups[rows]]]
 
 
 @dataclass
