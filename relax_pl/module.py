@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from relax_pl import objectives as obj
+from relax_pl.correction import truncated_importance_weights
 from relax_pl.extension import LossTerms, PolicyForward, rlvr_callbacks
 from relax_pl.models import EMBEDDED_MODEL, final_norm, load_tokenizer
 from relax_pl.rewards import BoundedScorer, MathReward, VerifiableReward
@@ -95,7 +96,7 @@ class RLVRModule(L.LightningModule):
         setup: the hardware layout (:mod:`relax_pl.setups`); decides the Trainer's strategy.
         reward: scores one response against its dataset row; bounded in wall time.
         rollout: the engine that samples the responses (:mod:`relax_pl.rollout`): the policy's own ``generate``
-            (``HFGenerate``, the default).
+            (``HFGenerate``, the default) or a vLLM engine beside it (``VLLM``).
         sampling, objective, update, optimizer, validation: see their dataclasses.
         vision: image resizing for vision-language models (Qwen2-VL, Qwen2.5-VL), whose prompts are encoded by
             the checkpoint's processor with each row's images; ignored for text-only models.
@@ -146,8 +147,8 @@ class RLVRModule(L.LightningModule):
         if self.policy is not None:
             return
         self.model_setup.check(self)
-        self.rollout_engine.check(self)
         self.load_processing()
+        self.rollout_engine.check(self)
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.policy = self.model_setup.build_policy(
             self.pretrained, trust_remote_code=self.trust_remote_code, device=device
@@ -454,6 +455,12 @@ class RLVRModule(L.LightningModule):
             )
         else:
             per_token, clip = obj.kl_cov_surrogate(logp, old_logp, advantages, mask, cfg.kl_cov_ratio, cfg.kl_cov_coef)
+        tis_stats = {}
+        if rollout.rollout_logp is not None:  # sampled by an engine of its own: truncated importance sampling
+            weights, tis_stats = truncated_importance_weights(
+                old_logp, rollout.rollout_logp[rows, :width], mask, self.rollout_engine.importance_cap
+            )
+            per_token = per_token * weights
         pg_loss = obj.aggregate(per_token, mask, cfg.loss_agg, normaliser)
         loss = pg_loss
         reference_kl = self.reference_kl(rollout, rows, logp) if self.needs_reference else None
@@ -466,6 +473,7 @@ class RLVRModule(L.LightningModule):
             "actor/ppo_kl": obj.masked_mean(clip["approx_kl"].detach(), mask),
         }
         stats["actor/pg_clipfrac"] = stats["actor/pg_clipfrac_lower"] + stats["actor/pg_clipfrac_higher"]
+        stats.update(tis_stats)
         if kl is not None:
             kl_loss = obj.aggregate(kl, mask, cfg.loss_agg, normaliser)
             stats["actor/kl_loss"] = kl_loss.detach() / share

@@ -123,11 +123,11 @@ class RolloutBatch:
 class RolloutEngine:
     """Base class of the rollout engines (recipe key ``model.rollout``, a ``class_path`` like ``model.setup``).
 
-    The module calls, in order: :meth:`check` (before any weights are read), :meth:`setup` (once the policy is
-    built, sharded and on its device), then :meth:`generate` for every training and validation batch and
-    :meth:`policy_updated` after every optimiser step that changed the policy (and when a checkpoint's weights
-    are loaded into it), and :meth:`teardown` when the run ends. A new engine is one new subclass in its own
-    file under ``relax_pl/rollout/``; nothing else changes.
+    The module calls, in order: :meth:`check` (the tokenizer and processor are loaded, no weights yet), :meth:`setup`
+    (once the policy is built and sharded; Lightning may move it to its device only afterwards), then
+    :meth:`generate` for every training and validation batch, and :meth:`policy_updated` after every optimiser
+    step that changed the policy and when a checkpoint's weights are loaded into it. A new engine is one new
+    subclass in its own file under ``relax_pl/rollout/``.
 
     ``importance_cap`` is read by the module when a rollout carries ``rollout_logp``: each token's policy loss is
     weighted by ``min(exp(logp_policy - logp_engine), importance_cap)`` (truncated importance sampling,
@@ -140,7 +140,7 @@ class RolloutEngine:
         """Raise on settings this engine cannot run, naming the recipe key to change."""
 
     def setup(self, module: RLVRModule) -> None:
-        """Start the engine (the policy exists and sits on its device)."""
+        """Start the engine (the policy exists)."""
 
     def generate(
         self, module: RLVRModule, prompts: list[str], samples: list[dict[str, Any]], sampling: SamplingConfig,
@@ -152,9 +152,6 @@ class RolloutEngine:
 
     def policy_updated(self, module: RLVRModule) -> None:
         """The policy's weights changed: the next :meth:`generate` must sample from the new ones."""
-
-    def teardown(self) -> None:
-        """Release what :meth:`setup` started."""
 
 
 @dataclass
