@@ -95,8 +95,8 @@ class RLVRModule(L.LightningModule):
         pretrained: hub id, local folder, ``.gguf`` file or ``embedded:smollm2-135m-instruct``.
         setup: the hardware layout (:mod:`relax_pl.setups`); decides the Trainer's strategy.
         reward: scores one response against its dataset row; bounded in wall time.
-        rollout: the engine that samples the responses (:mod:`relax_pl.rollout`): the policy's own ``generate``
-            (``HFGenerate``, the default) or a vLLM engine beside it (``VLLM``).
+        rollout: the engine that samples the responses (:mod:`relax_pl.rollout`): the policy itself (``HFGenerate``,
+            the default, or ``HFContinuousBatching``) or a vLLM engine beside it (``VLLM``).
         sampling, objective, update, optimizer, validation: see their dataclasses.
         vision: image resizing for vision-language models (Qwen2-VL, Qwen2.5-VL), whose prompts are encoded by
             the checkpoint's processor with each row's images; ignored for text-only models.

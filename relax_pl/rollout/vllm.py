@@ -235,10 +235,11 @@ class VLLM(RolloutEngine):
         ]
         lora = self.lora_request(module)
         outputs = self.llm.generate(requests, params, lora_request=lora, use_tqdm=False)
-        if self.sleep_mode:
-            self.llm.sleep(level=1 if lora is not None else 2)  # level 2 drops the weights: they are re-synced
+        if self.sleep_mode:  # level 2 drops the weights (re-synced anyway); level 1 keeps a LoRA policy's base
+            self.llm.sleep(level=1 if lora is not None else 2)
             self._asleep = True
             self._weights_stale |= lora is None
+            self._adapter_stale |= lora is not None  # a few megabytes: re-sent rather than trusted through a sleep
         return self.rollout(module, encoded, outputs, samples, group)
 
     # ----------------------------------------------------------------------------------------- internals
