@@ -142,10 +142,12 @@ def fit_command(recipe) -> list[str]:
 
 
 def fit_env() -> dict[str, str]:
-    """This environment minus launcher variables, with tests/ importable (the recipes name probes' classes)."""
+    """This environment minus launcher variables, with tests/ importable (the recipes name probes' classes) and one
+    thread per process (as the other CLI tests: two processes on a small machine do not fight over cores)."""
     launcher = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
