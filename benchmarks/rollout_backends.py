@@ -131,7 +131,8 @@ def main() -> None:
         rows = {}
         for name in args.engines:
             if name == "VLLM" and importlib.util.find_spec("vllm") is None:
-                rows[name] = ["not installed here (bash scripts/bootstrap_vllm.sh, then run with .venv-vllm/bin/python)"] + [""] * 7
+                missing = "not installed here (bash scripts/bootstrap_vllm.sh, then run with .venv-vllm/bin/python)"
+                rows[name] = [missing] + [""] * 7
                 continue
             result = measure(name, recipe_args(args.config, steps, out, ENGINES[name], fast_model), args.threads)
             rows[name] = summary(result)
@@ -142,10 +143,12 @@ def main() -> None:
         import vllm
 
         versions += f", vllm {vllm.__version__}"
-    print(f"\n{args.config}{' with a tiny random Llama (--fast)' if args.fast else ''}: {steps} optimiser steps per engine, "
+    model = " with a tiny random Llama (--fast)" if args.fast else ""
+    print(f"\n{args.config}{model}: {steps} optimiser steps per engine, "
           f"{args.threads} threads; medians over steps 2..{steps}; {versions}\n")
-    print("| engine | first step (s) | step (s) | generation (s) | gen tokens/s | update (s) | peak RSS (GB) | start-up (s) | engine-policy log-prob gap |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    columns = ["engine", "first step (s)", "step (s)", "generation (s)", "gen tokens/s", "update (s)", "peak RSS (GB)",
+               "start-up (s)", "engine-policy log-prob gap"]
+    print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
     for name, cells in rows.items():
         print(f"| {name} | " + " | ".join(cells) + " |")
 

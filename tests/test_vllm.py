@@ -50,7 +50,8 @@ def greedy_pair(module: RLVRModule, batch):
     """One greedy response per prompt from the module's engine, and from HFGenerate on the policy itself."""
     sampling = replace(module.sampling, num_responses=1)
     prompts = [module.render_prompt(sample) for sample in batch]
-    return module.generate(batch, sampling, greedy=True), HFGenerate().generate(module, prompts, batch, sampling, greedy=True)
+    policy = HFGenerate().generate(module, prompts, batch, sampling, greedy=True)
+    return module.generate(batch, sampling, greedy=True), policy
 
 
 def assert_same_responses(a, b) -> None:

@@ -32,7 +32,8 @@ PAGE_SIZE = 256  # tokens per key/value cache block (ContinuousBatchingConfig's 
 
 
 class HFContinuousBatching(RolloutEngine):
-    """Sample with ``policy.generate_batch`` (recipe: ``model.rollout: {class_path: relax_pl.rollout.HFContinuousBatching}``).
+    """Sample with ``policy.generate_batch``
+    (recipe: ``model.rollout: {class_path: relax_pl.rollout.HFContinuousBatching}``).
 
     Args:
         max_batch_tokens: tokens per forward. None: on a GPU transformers sizes it from the free memory; on a CPU
@@ -114,5 +115,7 @@ def request_position(request_id: str) -> tuple[int, int]:
     ``req_<prompt>__child#<k>`` its ``k + 2``-th."""
     head, _, child = request_id.partition("__child#")
     if not head.startswith("req_"):
-        raise RuntimeError(f"unexpected generate_batch request id {request_id!r}; this transformers release names them differently")
+        raise RuntimeError(
+            f"unexpected generate_batch request id {request_id!r}: this transformers release names them differently"
+        )
     return int(head.removeprefix("req_")), int(child) + 1 if child else 0

@@ -82,7 +82,9 @@ class VLLM(RolloutEngine):
         engine_args: dict[str, Any] = {},  # noqa: B006 (jsonargparse shows the default in the schema)
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"model.rollout.init_args.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+            raise ValueError(
+                f"model.rollout.init_args.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
+            )
         if kv_cache_gb is not None and kv_cache_gb <= 0:
             raise ValueError(f"model.rollout.init_args.kv_cache_gb must be > 0, got {kv_cache_gb}")
         if importance_cap is not None and importance_cap < 1:
@@ -174,8 +176,8 @@ class VLLM(RolloutEngine):
         if module.processor is not None:
             if gguf_file is not None:
                 raise ValueError(
-                    f"model.pretrained={module.pretrained!r}: a vision-language policy from a GGUF file has no processor "
-                    "files for vLLM; use its Hugging Face folder or hub id, or relax_pl.rollout.HFGenerate"
+                    f"model.pretrained={module.pretrained!r}: a vision-language policy from a GGUF file has no "
+                    "processor files for vLLM; use its Hugging Face folder or hub id, or relax_pl.rollout.HFGenerate"
                 )
             return source
         config = base_model(module.policy).config.to_dict()
@@ -304,9 +306,9 @@ class VLLM(RolloutEngine):
             expected = encoded.input_ids[g][encoded.attention_mask[g].bool()].tolist()
             if list(output.prompt_token_ids) != expected:
                 raise ValueError(
-                    f"vLLM encoded the prompt of row {samples[g].get('row')} into {len(output.prompt_token_ids)} tokens, "
-                    f"the policy's processor into {len(expected)}: set model.vision.min_pixels and max_pixels so both "
-                    "resize images alike"
+                    f"vLLM encoded the prompt of row {samples[g].get('row')} into {len(output.prompt_token_ids)} "
+                    f"tokens, the policy's processor into {len(expected)}: set model.vision.min_pixels and max_pixels "
+                    "so both resize images alike"
                 )
             completions = sorted(output.outputs, key=lambda c: c.index)
             for completion in completions * (group // len(completions)):
