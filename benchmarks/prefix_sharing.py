@@ -60,7 +60,7 @@ def run() -> None:
         else:
             module.shares_prompt_prefix = lambda *args: False
         for rows in torch.arange(len(rollout)).split(module.update.micro_batch_size):
-            logp, _, mask, _ = module.policy_forward(module.policy, rollout, rows)
+            logp, _, mask, _, _ = module.policy_forward(module.policy, rollout, rows)
             (logp * mask).sum().backward()
         module.policy.zero_grad(set_to_none=True)
 

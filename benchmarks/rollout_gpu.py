@@ -1,20 +1,24 @@
-"""Rollout speed of the two generation backends (``model.sampling.backend``) on a GPU.
+"""Rollout speed of ``HFGenerate``'s two caches (``model.rollout.init_args.cache``) and, where vLLM is installed,
+of the ``VLLM`` engine, on a GPU.
 
     python benchmarks/rollout_gpu.py            # Qwen2.5-1.5B-shaped random model, bf16, 128 sequences x 512 new tokens
+    python benchmarks/rollout_gpu.py --vllm     # the same, plus a row for relax_pl.rollout.VLLM (needs vLLM)
     python benchmarks/rollout_gpu.py --tiny     # a tiny random Qwen2 on the CPU, 16 x 16 (checks the script)
 
-Both backends sample the same way (temperature 1.0, no top-k/top-p) through ``relax_pl.rollout.generate``:
-``dynamic`` is HF ``generate`` with a growing cache and each prompt encoded once for its responses; ``static`` a
-preallocated cache whose decoding step HF compiles (torch.compile, CUDA graphs) on a GPU; on the CPU it is not
-compiled. Each backend generates the same batch twice: the first call pays the compilation, the second is
-the steady state. tokens/s counts generated tokens (up to each response's end) over the whole call.
+All sample the same way (temperature 1.0, no top-k/top-p). ``dynamic`` is HF ``generate`` with a growing cache and
+each prompt encoded once for its responses; ``static`` a preallocated cache whose decoding step HF compiles
+(torch.compile, CUDA graphs) on a GPU; on the CPU it is not compiled. ``VLLM`` goes through the module's seam: a
+colocated engine (30% of the GPU's memory) that receives the model's weights before each call and sleeps after it,
+as in a training step, so each call includes the weight sync and the wake-up. Each row generates the same batch
+twice: the first call pays the compilation (and the engine's first sync), the second is the steady state. tokens/s
+counts generated tokens (up to each response's end) over the whole call.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
-from dataclasses import replace
 
 import torch
 from transformers import Qwen2ForCausalLM
@@ -29,7 +33,7 @@ QWEN25_15B = dict(
     vocab_size=151936, hidden_size=1536, layers=28, heads=12, kv_heads=2, intermediate=8960,
     max_position_embeddings=32768, tie_word_embeddings=True,
 )
-TINY = dict(vocab_size=512, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+TINY = dict(vocab_size=512, hidden_size=64, layers=2, heads=2, kv_heads=1, intermediate=128)  # vLLM: heads >= 32 wide
 
 
 def build(tiny: bool) -> tuple[torch.nn.Module, torch.device]:
@@ -42,11 +46,41 @@ def build(tiny: bool) -> tuple[torch.nn.Module, torch.device]:
     return model.eval(), device
 
 
-def timed(model, tokenizer, prompts: list[str], sampling: SamplingConfig, device: torch.device) -> tuple[float, int]:
+def timed(
+    model, tokenizer, prompts: list[str], sampling: SamplingConfig, device: torch.device, cache: str
+) -> tuple[float, int]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    rollout = generate(model, tokenizer, prompts, [{} for _ in prompts], sampling)
+    rollout = generate(model, tokenizer, prompts, [{} for _ in prompts], sampling, cache=cache)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, int(rollout.response_mask.sum())
+
+
+def vllm_module(model, tokenizer, sampling: SamplingConfig, device: torch.device, folder: str):
+    """An RLVRModule whose policy is ``model`` and whose engine is VLLM (the engine reads the saved config; the
+    weights come from the policy, as in training)."""
+    from relax_pl.module import RLVRModule
+    from relax_pl.rollout import VLLM
+
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    engine = VLLM(dtype="float32" if device.type == "cpu" else "bfloat16")  # the model's own
+    module = RLVRModule(pretrained=folder, rollout=engine, sampling=sampling).to(device)
+    module.load_processing()
+    module.policy = model
+    module.rollout_engine.check(module)
+    module.rollout_engine.setup(module)
+    return module
+
+
+def timed_vllm(module, chats: list, device: torch.device) -> tuple[float, int]:
+    batch = [{"messages": chat, "row": i, "source": "benchmark"} for i, chat in enumerate(chats)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    rollout = module.generate(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, int(rollout.response_mask.sum())
@@ -58,6 +92,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="distinct prompts (default 16; --tiny 2)")
     parser.add_argument("--responses", type=int, default=8, help="responses per prompt")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per response (default 512; --tiny 16)")
+    parser.add_argument("--vllm", action="store_true", help="add a row for relax_pl.rollout.VLLM (needs vLLM)")
     args = parser.parse_args()
     num_prompts = args.prompts or (2 if args.tiny else 16)
     new_tokens = args.new_tokens or (16 if args.tiny else 512)
@@ -69,13 +104,19 @@ def main() -> None:
     sampling = SamplingConfig(num_responses=args.responses, max_new_tokens=new_tokens, temperature=1.0, top_k=0)
     print(f"{num_prompts} prompts x {args.responses} responses x {new_tokens} new tokens, {device.type}, "
           f"{next(model.parameters()).dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    print("| backend | first call (s) | tokens/s (first) | second call (s) | tokens/s (second) |\n|---|---|---|---|---|")
-    for backend in ("dynamic", "static"):
-        config = replace(sampling, backend=backend)
-        first, first_tokens = timed(model, tokenizer, prompts, config, device)
-        second, tokens = timed(model, tokenizer, prompts, config, device)
+    print("| engine | first call (s) | tokens/s (first) | second call (s) | tokens/s (second) |\n|---|---|---|---|---|")
+    for cache in ("dynamic", "static"):
+        first, first_tokens = timed(model, tokenizer, prompts, sampling, device, cache)
+        second, tokens = timed(model, tokenizer, prompts, sampling, device, cache)
         speeds = f"{first_tokens / first:,.0f} | {second:.2f} | {tokens / second:,.0f}"
-        print(f"| {backend} | {first:.2f} | {speeds} |", flush=True)
+        print(f"| HFGenerate ({cache}) | {first:.2f} | {speeds} |", flush=True)
+    if args.vllm:
+        with tempfile.TemporaryDirectory() as folder:
+            module = vllm_module(model, tokenizer, sampling, device, folder)
+            first, first_tokens = timed_vllm(module, chats, device)
+            second, tokens = timed_vllm(module, chats, device)
+        speeds = f"{first_tokens / first:,.0f} | {second:.2f} | {tokens / second:,.0f}"
+        print(f"| VLLM | {first:.2f} | {speeds} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from relax_pl import objectives as obj
+from relax_pl.correction import truncated_importance_weights
 from relax_pl.extension import DetachedForward, LossTerms, MiniBatch, PolicyForward, rlvr_callbacks
 from relax_pl.models import EMBEDDED_MODEL, final_norm, load_tokenizer
 from relax_pl.rewards import BoundedScorer, MathReward, VerifiableReward
-from relax_pl.rollout import CACHE_ARG, RolloutBatch, SamplingConfig, generate, shared_prefix_cache
+from relax_pl.rollout import CACHE_ARG, HFGenerate, RolloutBatch, RolloutEngine, SamplingConfig, shared_prefix_cache
 from relax_pl.setups import Setup, SingleDevice
 from relax_pl.vision import VisionConfig, image_token_count, is_vision_language, load_processor
 
@@ -98,6 +99,8 @@ class RLVRModule(L.LightningModule):
         pretrained: hub id, local folder, ``.gguf`` file or ``embedded:smollm2-135m-instruct``.
         setup: the hardware layout (:mod:`relax_pl.setups`); decides the Trainer's strategy.
         reward: scores one response against its dataset row; bounded in wall time.
+        rollout: the engine that samples the responses (:mod:`relax_pl.rollout`): the policy itself (``HFGenerate``,
+            the default, or ``HFContinuousBatching``) or a vLLM engine beside it (``VLLM``).
         sampling, objective, update, optimizer, validation: see their dataclasses.
         vision: image resizing for vision-language models (Qwen2-VL, Qwen2.5-VL), whose prompts are encoded by
             the checkpoint's processor with each row's images; ignored for text-only models.
@@ -110,6 +113,7 @@ class RLVRModule(L.LightningModule):
         pretrained: str = EMBEDDED_MODEL,
         setup: Setup = lazy_instance(SingleDevice),
         reward: VerifiableReward = lazy_instance(MathReward),
+        rollout: RolloutEngine = lazy_instance(HFGenerate),
         sampling: SamplingConfig = SamplingConfig(),
         objective: ObjectiveConfig = ObjectiveConfig(),
         update: UpdateConfig = UpdateConfig(),
@@ -124,6 +128,7 @@ class RLVRModule(L.LightningModule):
         self.pretrained = pretrained
         self.model_setup = setup
         self.reward = reward
+        self.rollout_engine = rollout
         self.sampling, self.objective, self.update = sampling, objective, update
         self.optimizer_config, self.validation, self.vision = optimizer, validation, vision
         self.chat_template = chat_template
@@ -149,6 +154,7 @@ class RLVRModule(L.LightningModule):
             return
         self.model_setup.check(self)
         self.load_processing()
+        self.rollout_engine.check(self)
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.policy = self.model_setup.build_policy(
             self.pretrained, trust_remote_code=self.trust_remote_code, device=device
@@ -157,6 +163,7 @@ class RLVRModule(L.LightningModule):
         if self.needs_reference:
             self._reference[0] = self.model_setup.build_reference(self.policy)
         self.model_setup.parallelize(self.policy, self._reference[0], self.device_mesh)
+        self.rollout_engine.setup(self)
         self.strict_loading = self.model_setup.strict_loading
 
     def load_processing(self) -> None:
@@ -272,13 +279,7 @@ class RLVRModule(L.LightningModule):
         self, batch: list[dict[str, Any]], sampling: SamplingConfig | None = None, greedy: bool = False
     ) -> RolloutBatch:
         prompts = [self.render_prompt(sample) for sample in batch]
-        synced = self.trainer.world_size > 1 if self._trainer is not None else False
-        sampling = sampling or self.sampling
-        with self.model_setup.generation(self.policy):
-            return generate(
-                self.policy, self.tokenizer, prompts, batch, sampling, greedy=greedy, synced=synced,
-                processor=self.processor,
-            )
+        return self.rollout_engine.generate(self, prompts, batch, sampling or self.sampling, greedy=greedy)
 
     def render_prompt(self, sample: dict[str, Any]) -> str:
         if sample.get("images") and self.processor is None:
@@ -452,6 +453,7 @@ class RLVRModule(L.LightningModule):
                 finite = bool(torch.isfinite(grad_norm))
                 if finite:
                     optimizer.step()
+                    self.rollout_engine.policy_updated(self)
                 else:  # a non-finite gradient would poison the weights and every checkpoint after them
                     optimizer.zero_grad(set_to_none=True)
                     self._skipped_updates += 1
@@ -536,6 +538,12 @@ class RLVRModule(L.LightningModule):
                 per_token, clip = obj.clip_cov_surrogate(logp, old_logp, advantages, cfg.clip_low, cfg.clip_high, chosen)
             else:
                 per_token, clip = obj.kl_cov_surrogate(logp, old_logp, advantages, chosen, cfg.kl_cov_coef)
+        tis_stats = {}
+        if rollout.rollout_logp is not None:  # sampled by an engine of its own: truncated importance sampling
+            weights, tis_stats = truncated_importance_weights(
+                old_logp, rollout.rollout_logp[rows, :width], mask, self.rollout_engine.importance_cap
+            )
+            per_token = per_token * weights
         pg_loss = obj.aggregate(per_token, mask, cfg.loss_agg, normaliser)
         loss = pg_loss
         reference_kl = self.reference_kl(rollout, rows, logp) if self.needs_reference else None
@@ -550,6 +558,7 @@ class RLVRModule(L.LightningModule):
         stats["actor/pg_clipfrac"] = stats["actor/pg_clipfrac_lower"] + stats["actor/pg_clipfrac_higher"]
         if "cov_selected" in clip:
             stats["actor/cov_selected_frac"] = obj.masked_mean(clip["cov_selected"].float(), mask)
+        stats.update(tis_stats)
         if kl is not None:
             kl_loss = obj.aggregate(kl, mask, cfg.loss_agg, normaliser)
             stats["actor/kl_loss"] = kl_loss.detach() / share
@@ -700,6 +709,7 @@ class RLVRModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.model_setup.check_checkpoint(self.policy, checkpoint)
+        self.rollout_engine.policy_updated(self)  # the checkpoint's weights replace the ones an engine holds
         states = checkpoint.get("rng_states")
         per_rank = checkpoint.get("rng_states_per_rank")
         if per_rank is not None and len(per_rank) == self.trainer.world_size:

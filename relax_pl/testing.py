@@ -120,16 +120,18 @@ def build_test_tokenizer(extra_words: list[str] | None = None) -> PreTrainedToke
     )
 
 
-def save_tiny_model(folder: str | Path, kind: Literal["qwen2", "llama"] = "qwen2", seed: int = 0) -> Path:
+def save_tiny_model(
+    folder: str | Path, kind: Literal["qwen2", "llama"] = "qwen2", seed: int = 0, **config_args
+) -> Path:
     """Write a tiny random model and the test tokenizer to ``folder``, as ``save_pretrained`` would for a hub model.
 
     The model's vocabulary is the tokenizer's; its generation config stops at ``<|im_end|>`` (the end of an
     assistant turn) or ``<|endoftext|>`` and pads with ``<|endoftext|>``, as Qwen2.5-Instruct's does.
-    Returns the folder.
+    ``config_args`` change the shape (``models.tiny_model_config``'s arguments). Returns the folder.
     """
     folder = Path(folder)
     tokenizer = build_test_tokenizer()
-    model = build_tiny_model(kind, vocab_size=len(tokenizer), seed=seed)
+    model = build_tiny_model(kind, vocab_size=len(tokenizer), seed=seed, **config_args)
     pad_id, im_end_id = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(IM_END)
     model.config.pad_token_id = pad_id
     model.config.eos_token_id = pad_id

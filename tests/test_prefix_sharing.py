@@ -1,5 +1,5 @@
 """Speed paths that must not change results: each prompt encoded once for all its responses (before decoding
-and in the training forward), the static-cache generation backend, and reference log-probs computed only for
+and in the training forward), the static-cache HFGenerate, and reference log-probs computed only for
 the rows a callback asks for."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from relax_pl import module as module_lib
-from relax_pl import rollout as rollout_lib
+from relax_pl.rollout import hf as rollout_lib
 from relax_pl.models import load_causal_lm, load_tokenizer
 from relax_pl.module import RLVRModule, UpdateConfig
 from relax_pl.rollout import SamplingConfig, generate
@@ -62,7 +62,7 @@ def counting(monkeypatch, namespace) -> list[int]:
     return calls
 
 
-def test_shared_prefill_and_static_backend_decode_the_same_greedy_tokens(tiny, monkeypatch):
+def test_shared_prefill_and_static_cache_decode_the_same_greedy_tokens(tiny, monkeypatch):
     model, tokenizer = tiny
     prompts, samples = prompts_of(tokenizer)
     sampling = SamplingConfig(num_responses=3, max_new_tokens=12)
@@ -74,7 +74,7 @@ def test_shared_prefill_and_static_backend_decode_the_same_greedy_tokens(tiny, m
         model, tokenizer, [p for p in prompts for _ in range(3)], [s for s in samples for _ in range(3)], sampling,
         greedy=True, num_responses=1,
     )
-    static = generate(model, tokenizer, prompts, samples, replace(sampling, backend="static"), greedy=True)
+    static = generate(model, tokenizer, prompts, samples, sampling, greedy=True, cache="static")
     assert calls == [3]
     responses = shared.responses[::3]
     assert shared.response_mask.sum(-1).min() >= 2  # real responses, not an immediate stop
@@ -92,7 +92,7 @@ def test_shared_prefix_forward_matches_the_full_forward(tiny, monkeypatch):
 
     def forward_and_grads():
         model.zero_grad(set_to_none=True)
-        logp, entropy, mask, hidden = module.policy_forward(model, rollout, rows, keep_hidden=True)
+        logp, entropy, mask, hidden, _ = module.policy_forward(model, rollout, rows, keep_hidden=True)
         ((logp * mask).sum() + (entropy * mask).sum() + hidden.square().mean()).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         return logp.detach(), entropy.detach(), mask, hidden.detach(), grads
@@ -132,16 +132,16 @@ def test_gradient_checkpointing_shares_the_prefix_only_without_grad(tiny, monkey
     torch.testing.assert_close(without_grad, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_backends_draw_the_same_samples_from_the_same_seed(tiny):
+def test_caches_draw_the_same_samples_from_the_same_seed(tiny):
     """Same sampling semantics: temperature, top-k and top-p filter the same distributions, drawn in the same
-    order, so one seed gives the same responses on either backend."""
+    order, so one seed gives the same responses with either cache."""
     model, tokenizer = tiny
     prompts, samples = prompts_of(tokenizer)
     sampling = SamplingConfig(num_responses=4, max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=20)
     drawn = {}
-    for backend in ("dynamic", "static"):
+    for cache in ("dynamic", "static"):
         torch.manual_seed(3)
-        drawn[backend] = generate(model, tokenizer, prompts, samples, replace(sampling, backend=backend))
+        drawn[cache] = generate(model, tokenizer, prompts, samples, sampling, cache=cache)
     responses = drawn["dynamic"].responses
     assert not all(torch.equal(responses[0], row) for row in responses[1:4])  # sampled, not greedy
     assert torch.equal(drawn["static"].input_ids, drawn["dynamic"].input_ids)

@@ -1,0 +1,263 @@
+"""The rollout seam: what every engine receives (prompts, :class:`SamplingConfig`) and returns (:class:`RolloutBatch`),
+and the base class :class:`RolloutEngine` whose hooks the module calls.
+
+An engine turns rendered prompts into ``num_responses`` responses each. The module calls only the hooks below;
+how the responses are sampled (the policy's own ``generate``, an inference engine beside it) is the engine's
+business. The helpers here (prompt encoding, the rollout layout) keep every engine's rollout the same shape, so
+the update, the rewards and the callbacks never see which engine sampled it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from relax_pl.vision import gather_by_prompt, split_by_prompt
+
+if TYPE_CHECKING:
+    from relax_pl.module import RLVRModule
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled (recipe key ``model.sampling``); every engine honours all of it."""
+
+    num_responses: int = 8  # R responses per prompt (the group size)
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_prompt_tokens: int = 1024  # counted after chat templating, image tokens included
+    # "error": a longer prompt fails with a message naming its row; "skip": such rows are left out of the data
+    # when the run starts (counted and named in a warning), so every batch stays full and ranks stay in step
+    on_long_prompt: Literal["skip", "error"] = "error"
+
+    def __post_init__(self) -> None:
+        if self.num_responses < 1 or self.max_new_tokens < 1:
+            raise ValueError("sampling.num_responses and sampling.max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}")
+
+
+@dataclass
+class RolloutBatch:
+    """The responses of one step, laid out as ``[left-padded prompt | right-padded response]`` per row.
+
+    Rows ``g*R .. g*R + R - 1`` are the R responses of prompt ``g``. Fields after ``rollout_logp`` are filled by
+    the module as the step proceeds (rewards, advantages, log-probs).
+    """
+
+    input_ids: Tensor  # (N, P + T)
+    attention_mask: Tensor  # (N, P + T)
+    response_mask: Tensor  # (N, T) bool: generated tokens up to and including the first EOS
+    prompt_length: int  # P
+    completions: list[str]
+    samples: list[dict[str, Any]]  # the dataset row of each response's prompt
+    group_size: int
+    # Extra forward inputs stored once per prompt, not per response (vision.split_by_prompt): prompt g owns
+    # model_input_counts[k][g] consecutive rows of model_inputs[k] (Qwen-VL: its image patches and grids).
+    model_inputs: dict[str, Tensor] = field(default_factory=dict)
+    model_input_counts: dict[str, list[int]] = field(default_factory=dict)
+    prompt_index: Tensor | None = None  # (N,) the prompt of model_inputs each row's response answers
+    mm_token_type_ids: Tensor | None = None  # (N, P + T) Qwen-VL's modality of each position (1: image token)
+    # (N, T) the sampling engine's own log-probs of the sampled tokens (after temperature), zero on padding;
+    # None when the policy sampled them itself. Their gap to the policy's is what importance sampling corrects.
+    rollout_logp: Tensor | None = None
+    rewards: Tensor | None = None  # (N,)
+    reward_components: dict[str, Tensor] = field(default_factory=dict)
+    advantages: Tensor | None = None  # (N,)
+    old_logp: Tensor | None = None  # (N, T); None when the update is on-policy in one pass
+    ref_logp: Tensor | None = None  # (N, T), when computed for every response before the update
+    # otherwise the reference log-probs of the rows callbacks selected during the update, row -> (T,), so that
+    # PPO epochs that revisit a row do not run the reference again
+    ref_logp_of_rows: dict[int, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def responses(self) -> Tensor:
+        return self.input_ids[:, self.prompt_length :]
+
+    @property
+    def group_index(self) -> Tensor:
+        return torch.arange(len(self.completions), device=self.input_ids.device) // self.group_size
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def select(self, rows: Tensor) -> RolloutBatch:
+        """The rollout restricted to ``rows`` (a 1-D index tensor; keep whole groups to keep ``group_index`` right)."""
+        idx = rows.tolist()
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        return replace(
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            completions=[self.completions[i] for i in idx],
+            samples=[self.samples[i] for i in idx],
+            prompt_index=pick(self.prompt_index),
+            mm_token_type_ids=pick(self.mm_token_type_ids),
+            rollout_logp=pick(self.rollout_logp),
+            rewards=pick(self.rewards),
+            reward_components={k: v[rows.to(v.device)] for k, v in self.reward_components.items()},
+            advantages=pick(self.advantages),
+            old_logp=pick(self.old_logp),
+            ref_logp=pick(self.ref_logp),
+            ref_logp_of_rows={},  # keyed by the old row numbers
+        )
+
+    def forward_inputs(self, rows: Tensor, width: int) -> dict[str, Tensor]:
+        """The extra forward inputs of ``rows`` for a forward over their first ``width`` positions: each row's
+        prompt's images (repeated for rows of the same prompt) and modality ids."""
+        extra = {}
+        if self.model_inputs:
+            prompts = self.prompt_index[rows.to(self.prompt_index.device)].tolist()
+            extra = gather_by_prompt(self.model_inputs, self.model_input_counts, prompts)
+        if self.mm_token_type_ids is not None:
+            extra["mm_token_type_ids"] = self.mm_token_type_ids[rows.to(self.mm_token_type_ids.device), :width]
+        return extra
+
+
+class RolloutEngine:
+    """Base class of the rollout engines (recipe key ``model.rollout``, a ``class_path`` like ``model.setup``).
+
+    The module calls, in order: :meth:`check` (the tokenizer and processor are loaded, no weights yet), :meth:`setup`
+    (once the policy is built and sharded; Lightning may move it to its device only afterwards), then
+    :meth:`generate` for every training and validation batch, and :meth:`policy_updated` after every optimiser
+    step that changed the policy and when a checkpoint's weights are loaded into it. A new engine is one new
+    subclass in its own file under ``relax_pl/rollout/``.
+
+    ``importance_cap`` is read by the module when a rollout carries ``rollout_logp``: each token's policy loss is
+    weighted by ``min(exp(logp_policy - logp_engine), importance_cap)`` (truncated importance sampling,
+    :mod:`relax_pl.correction`); None leaves the loss as it is and only logs the gap.
+    """
+
+    importance_cap: float | None = None
+
+    def check(self, module: RLVRModule) -> None:
+        """Raise on settings this engine cannot run, naming the recipe key to change."""
+
+    def setup(self, module: RLVRModule) -> None:
+        """Start the engine (the policy exists)."""
+
+    def generate(
+        self, module: RLVRModule, prompts: list[str], samples: list[dict[str, Any]], sampling: SamplingConfig,
+        greedy: bool = False,
+    ) -> RolloutBatch:
+        """``sampling.num_responses`` responses for each rendered prompt (``samples`` are their dataset rows),
+        sampled with the current policy weights, greedily when ``greedy``."""
+        raise NotImplementedError
+
+    def policy_updated(self, module: RLVRModule) -> None:
+        """The policy's weights changed: the next :meth:`generate` must sample from the new ones."""
+
+
+@dataclass
+class EncodedPrompts:
+    """A batch of prompts encoded as the policy reads them: left-padded ids, and for vision-language models the
+    image tensors kept once per prompt (``vision.split_by_prompt``)."""
+
+    input_ids: Tensor  # (B, P)
+    attention_mask: Tensor  # (B, P)
+    mm_token_type_ids: Tensor | None  # (B, P) or None for text models
+    model_inputs: dict[str, Tensor]
+    counts: dict[str, list[int]]
+
+
+def encode_prompts(
+    tokenizer, processor, prompts: list[str], samples: list[dict[str, Any]], max_prompt_tokens: int,
+    device: torch.device,
+) -> EncodedPrompts:
+    """Encode rendered prompts with the tokenizer, or with the processor together with each sample's
+    ``"images"`` (in order) for vision-language models; raise for a prompt over ``max_prompt_tokens``."""
+    if processor is None:
+        encoded = dict(tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False))
+    else:
+        images = [image for sample in samples for image in sample.get("images") or []]
+        encoded = dict(processor(text=prompts, images=images or None, return_tensors="pt", padding=True))
+    check_prompt_lengths(encoded, samples, max_prompt_tokens)
+    images_per_prompt = [len(sample.get("images") or []) for sample in samples]
+    model_inputs, counts = split_by_prompt(encoded, images_per_prompt) if processor is not None else ({}, {})
+    types = encoded.get("mm_token_type_ids")
+    return EncodedPrompts(
+        input_ids=encoded["input_ids"].to(device),
+        attention_mask=encoded["attention_mask"].to(device),
+        mm_token_type_ids=None if types is None else types.to(device),
+        model_inputs={k: v.to(device) for k, v in model_inputs.items()},
+        counts=counts,
+    )
+
+
+def build_rollout(
+    encoded: EncodedPrompts,
+    responses: Tensor,
+    response_mask: Tensor,
+    tokenizer,
+    samples: list[dict[str, Any]],
+    group_size: int,
+    rollout_logp: Tensor | None = None,
+) -> RolloutBatch:
+    """The :class:`RolloutBatch` of ``group_size`` responses per encoded prompt: ``responses`` ``(N, T)`` in prompt
+    order, ``response_mask`` True up to and including each one's first stop token (positions after it are
+    overwritten with the pad token)."""
+    device = encoded.input_ids.device
+    prompt_index = torch.arange(len(samples), device=device).repeat_interleave(group_size)
+    responses = responses.to(device).masked_fill(~response_mask.to(device), tokenizer.pad_token_id)
+    response_mask = response_mask.to(device)
+    prompt_types = encoded.mm_token_type_ids
+    if prompt_types is not None:  # response tokens are text
+        prompt_types = torch.cat(
+            [prompt_types[prompt_index], torch.zeros_like(responses, dtype=prompt_types.dtype)], dim=1
+        )
+    return RolloutBatch(
+        input_ids=torch.cat([encoded.input_ids[prompt_index], responses], dim=1),
+        attention_mask=torch.cat([encoded.attention_mask[prompt_index], response_mask.long()], dim=1),
+        response_mask=response_mask,
+        prompt_length=encoded.input_ids.shape[1],
+        completions=tokenizer.batch_decode(responses, skip_special_tokens=True),
+        samples=[s for s in samples for _ in range(group_size)],
+        group_size=group_size,
+        model_inputs=encoded.model_inputs,
+        model_input_counts=encoded.counts,
+        prompt_index=prompt_index,
+        mm_token_type_ids=prompt_types,
+        rollout_logp=None if rollout_logp is None else rollout_logp.to(device) * response_mask,
+    )
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus the checkpoint's own stop tokens (Qwen2.5-Instruct stops on ``<|im_end|>``
+    and ``<|endoftext|>``)."""
+    ids = [tokenizer.eos_token_id]
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += model_eos if isinstance(model_eos, list) else [model_eos]
+    return sorted({i for i in ids if i is not None})
+
+
+def response_mask_from_tokens(responses: Tensor, eos_token_id: int | list[int]) -> Tensor:
+    """True on each response's tokens up to and including its first EOS; False after it.
+
+    Generation pads finished rows with ``pad_token_id``, which may equal EOS, so only the first EOS counts.
+    """
+    eos_ids = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=responses.device)
+    is_eos = torch.isin(responses, eos_ids)
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return ~after_eos
+
+
+def check_prompt_lengths(encoded: dict[str, Tensor], samples: list[dict[str, Any]], max_prompt_tokens: int) -> None:
+    """Raise, naming the row, when an encoded prompt (image tokens included) is longer than ``max_prompt_tokens``:
+    cutting it would leave image tokens without their image features, or a question without its end."""
+    lengths = encoded["attention_mask"].sum(-1).tolist()
+    types = encoded.get("mm_token_type_ids")
+    image_tokens = (types != 0).sum(-1).tolist() if types is not None else [0] * len(lengths)
+    for sample, length, images in zip(samples, lengths, image_tokens):
+        if length > max_prompt_tokens:
+            of_which = f" ({images} of them image tokens)" if images else ""
+            raise ValueError(
+                f"prompt of row {sample.get('row')} from {sample.get('source')!r} has {length} tokens{of_which}, more "
+                f"than sampling.max_prompt_tokens={max_prompt_tokens}; raise the limit, lower model.vision.max_pixels "
+                "for images, or set sampling.on_long_prompt: skip"
+            )
