@@ -41,7 +41,6 @@ STEP_KEYS = {
     "timing_s/step": "step_s",
 }
 VALIDATION_KEYS = ("val/accuracy", "val/reward", "val/accuracy/greedy")  # plus val/accuracy/pass@k
-METHODS = ("ReLaX", "GRPO")
 LAST = 10
 
 
@@ -68,7 +67,7 @@ class StepLog(L.Callback):
         self.write({"validation_step": trainer.fit_loop.epoch_loop._batches_that_stepped, **record})
 
 
-def run_one(recipe: str, method: str, seed: int, steps: int, out: Path, extra: list[str]) -> None:
+def run_one(recipe: str, method: str, seed: int, steps: int, out: Path, extra: list[str], alpha: float | None) -> None:
     """One fit, in this process."""
     from relax_pl.callbacks import LatentExploration
     from relax_pl.cli import main
@@ -86,6 +85,8 @@ def run_one(recipe: str, method: str, seed: int, steps: int, out: Path, extra: l
         raise ValueError(f"{recipe} must have one LatentExploration callback, found {len(explore)}")
     if method == "GRPO":  # observe only: no loss term, no reference forward
         explore[0].alpha, explore[0].kl_coef = 0.0, 0.0
+    elif alpha is not None:
+        explore[0].alpha = alpha
     cli.trainer.callbacks.append(StepLog(path))
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -133,10 +134,12 @@ def table(runs: dict[str, dict[int, tuple[list[dict], list[dict]]]]) -> str:
         summary[method] = {k: mean([r[k] for r in per_seed]) for k in [*keys, "val", "pass"]}
         lines.append(f"| **{method}** | mean | | " + " | ".join(f"**{summary[method][k]:.4g}**" for k in keys)
                      + f" | **{summary[method]['val']:.3f}** | **{summary[method]['pass']:.3f}** |")
-    if set(METHODS) <= set(summary):
-        relax, grpo = summary["ReLaX"], summary["GRPO"]
-        lines.append(f"\nReLaX / GRPO over the last {LAST} steps: DSD {relax['dsd'] / grpo['dsd']:.2f}x, entropy "
-                     f"{relax['entropy'] / grpo['entropy']:.2f}x, reward {relax['reward'] - grpo['reward']:+.3f}")
+    if "GRPO" in summary:
+        grpo = summary["GRPO"]
+        for method in [m for m in summary if m != "GRPO"]:
+            relax = summary[method]
+            lines.append(f"\n{method} / GRPO over the last {LAST} steps: DSD {relax['dsd'] / grpo['dsd']:.2f}x, entropy "
+                         f"{relax['entropy'] / grpo['entropy']:.2f}x, reward {relax['reward'] - grpo['reward']:+.3f}")
         grpo_rewards = [last_mean(steps, "reward") for steps, _ in runs["GRPO"].values()]
         lines.append(f"GRPO's seed-to-seed range of reward: {min(grpo_rewards):.3f} to {max(grpo_rewards):.3f}")
     return "\n".join(lines)
@@ -150,7 +153,8 @@ def plot(runs: dict[str, dict[int, tuple[list[dict], list[dict]]]], path: Path) 
               ("gated_frac", "gated fraction (DSD > xi)", False), ("grad_share", "grad_share (|alpha L_xp| / |rest|)", True),
               ("length", "response length (tokens)", False), ("valid_frac", "responses with a defined DSD", False)]
     figure = Figure(figsize=(16, 7.5), dpi=100)
-    colors = {"ReLaX": "tab:red", "GRPO": "tab:blue"}
+    palette = iter(["tab:red", "tab:orange", "tab:purple", "tab:green"])
+    colors = {m: "tab:blue" if m == "GRPO" else next(palette) for m in runs}
     for ax, (key, title, log) in zip(figure.subplots(2, 4).flat, panels):
         for method, seeds in runs.items():
             if key == "val":
@@ -192,6 +196,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=2, help="seeds 1..N for each method")
     parser.add_argument("--out", default="runs/relax_vs_grpo")
+    parser.add_argument("--alpha", type=float, help="ReLaX's alpha instead of the recipe's (the method is named ReLaX-alpha<a>)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (run `python -m relax_pl.testing runs/tiny_qwen2` first)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)  # a child process
     parser.add_argument("extra", nargs="*", help="recipe overrides passed to every run, e.g. --model.optimizer.lr=1e-5")
@@ -199,21 +204,23 @@ if __name__ == "__main__":
     extra = [*args.extra, *unknown, *(["--model.pretrained=runs/tiny_qwen2"] if args.tiny else [])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    methods = ("ReLaX" if args.alpha is None else f"ReLaX-alpha{args.alpha:g}", "GRPO")
     if args.one:
-        run_one(args.recipe, args.one[0], int(args.one[1]), args.steps, out, extra)
+        run_one(args.recipe, args.one[0], int(args.one[1]), args.steps, out, extra, args.alpha)
         sys.exit(0)
     for seed in range(1, args.seeds + 1):
-        for method in METHODS:
+        for method in methods:
             if read(out / f"{method}-seed{seed}.jsonl")[2]:
                 print(f"{method} seed {seed}: complete, kept", flush=True)
                 continue
             print(f"{method} seed {seed}: running {args.steps} steps", flush=True)
             command = [sys.executable, __file__, "--recipe", args.recipe, "--steps", str(args.steps), "--out", str(out),
-                       "--one", method, str(seed), *extra]
+                       "--one", method, str(seed), *(["--alpha", str(args.alpha)] if args.alpha is not None else []), *extra]
             if subprocess.run(command).returncode:
                 print(f"{method} seed {seed}: failed; its steps so far are kept in {out}", flush=True)
-    runs = {m: {} for m in METHODS}
-    for method in METHODS:
+    methods = sorted({p.name.rsplit("-seed", 1)[0] for p in out.glob("*-seed*.jsonl")}, key=lambda m: (m == "GRPO", m))
+    runs = {m: {} for m in methods}
+    for method in methods:
         for seed in range(1, args.seeds + 1):
             steps, validations, _ = read(out / f"{method}-seed{seed}.jsonl")
             if steps:
