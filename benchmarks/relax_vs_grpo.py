@@ -39,6 +39,9 @@ STEP_KEYS = {
     "relax/xi": "xi",
     "actor/grad_norm": "grad_norm",
     "timing_s/step": "step_s",
+    "timing_s/gen": "gen_s",
+    "timing_s/ref": "ref_s",
+    "timing_s/update": "update_s",
 }
 VALIDATION_KEYS = ("val/accuracy", "val/reward", "val/accuracy/greedy")  # plus val/accuracy/pass@k
 LAST = 10

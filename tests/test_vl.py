@@ -84,7 +84,7 @@ def test_two_step_fit_with_relax_callbacks_logs_and_validates(vl_run):
     values, images = tensorboard_logs(folder)
     for tag in [
         "critic/score/mean", "actor/pg_loss", "actor/entropy", "timing_s/gen", "timing_s/ref", "timing_s/update",
-        "koopman/fit_loss_final", "relax/valid_frac", "relax/dsd_mean", "relax/gated_kl",
+        "koopman/fit_loss_final", "relax/valid_frac", "relax/dsd_mean", "relax/gated_kl_loss",
         "val/reward", "val/accuracy", "val/format", "val/accuracy/mean@3", "val/accuracy/pass@3",
         "val/accuracy/greedy", "val/accuracy/source/builtin_geometry",
     ]:
