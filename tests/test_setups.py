@@ -97,16 +97,16 @@ def test_qlora_trains_the_adapter_only_and_the_reference_is_the_base(qlora_run, 
     rollout = module.generate(batch)
     reference, context = module.model_setup.reference(policy, module._reference[0])
     with context:
-        ref_logp = module.sequence_logprobs(reference, rollout)
-    base_logp = module.sequence_logprobs(base, rollout)
-    policy_logp = module.sequence_logprobs(policy, rollout)
+        ref_logp = module.response_forward.logprobs(reference, rollout)
+    base_logp = module.response_forward.logprobs(base, rollout)
+    policy_logp = module.response_forward.logprobs(policy, rollout)
     mask = rollout.response_mask
     torch.testing.assert_close(ref_logp[mask], base_logp[mask], rtol=0, atol=1e-5)
     assert (policy_logp[mask] - base_logp[mask]).abs().max() > 1e-3  # the adapter is on outside the context
 
     # a callback's reference during the update (LatentExploration's gated KL): the adapter is off only inside it
     rows = torch.arange(len(rollout))
-    logp = module.policy_forward(policy, rollout, rows)[0]
+    logp = module.response_forward(policy, rollout, rows)[0]
     width = logp.shape[1]
     selected = torch.arange(len(rows)) % 2 == 0
     kl = module.reference_kl(rollout, rows, logp)(selected)
