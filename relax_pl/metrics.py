@@ -9,6 +9,7 @@ import resource
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -85,16 +86,42 @@ def rollout_metrics(rollout: RolloutBatch, max_new_tokens: int) -> dict[str, flo
     return metrics
 
 
-def run_counters(failures_total: int, step_failures: tuple[int, int], skipped_long_prompts: int | None) -> dict[str, float]:
-    """Reward failures (over the run; this step's timeouts and errors) and the prompts left out at start-up."""
-    timeouts, errors = step_failures
-    counters = {"reward/failures_total": float(failures_total), "reward/timeouts": float(timeouts), "reward/errors": float(errors)}
-    if skipped_long_prompts is not None:
-        counters["data/skipped_long_prompts"] = float(skipped_long_prompts)
-    return counters
+@dataclass
+class RunCounters:
+    """What went wrong over the run, which checkpoints keep (``reward_failures_total``, ``skipped_updates_total``),
+    and in the latest step; logged every step."""
+
+    reward_failures: int = 0  # responses whose scoring timed out or failed, over the run
+    skipped_updates: int = 0  # optimiser steps skipped for a non-finite gradient, over the run
+    step_reward_failures: tuple[int, int] = (0, 0)  # (timeouts, errors) of the latest scoring call
+    skipped_long_prompts: int | None = None  # rows left out at setup (sampling.on_long_prompt: skip)
+
+    def scored(self, timeouts: int, errors: int) -> None:
+        self.reward_failures += timeouts + errors
+        self.step_reward_failures = (timeouts, errors)
+
+    def metrics(self) -> dict[str, float]:
+        timeouts, errors = self.step_reward_failures
+        counters = {
+            "reward/failures_total": float(self.reward_failures),
+            "reward/timeouts": float(timeouts),
+            "reward/errors": float(errors),
+        }
+        if self.skipped_long_prompts is not None:
+            counters["data/skipped_long_prompts"] = float(self.skipped_long_prompts)
+        return counters
+
+    def checkpoint_entries(self) -> dict[str, int]:
+        return {"reward_failures_total": self.reward_failures, "skipped_updates_total": self.skipped_updates}
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        self.reward_failures = checkpoint.get("reward_failures_total", 0)
+        self.skipped_updates = checkpoint.get("skipped_updates_total", 0)
 
 
-def performance_metrics(rollout: RolloutBatch, timer: PhaseTimer, world_size: int, device: torch.device) -> dict[str, float]:
+def performance_metrics(
+    rollout: RolloutBatch, timer: PhaseTimer, world_size: int, device: torch.device
+) -> dict[str, float]:
     """Tokens per second (all tokens per device, and generated ones), peak host and device memory."""
     response_tokens = float(rollout.response_mask.sum())
     all_tokens = float(rollout.attention_mask.sum())

@@ -22,17 +22,17 @@ from relax_pl import objectives as obj
 from relax_pl import rng
 from relax_pl.correction import truncated_importance_weights
 from relax_pl.extension import LossTerms, MiniBatch, PolicyForward, rlvr_callbacks
-from relax_pl.forward import ResponseForward, reference_kl
 from relax_pl.config import ObjectiveConfig, OptimizerConfig, UpdateConfig, ValidationConfig
+from relax_pl.forward import ResponseForward, reference_kl
 from relax_pl.losses import LossInput, UpdatePlan, mini_batch_selection
-from relax_pl.metrics import (
-    MeanAccumulator, PhaseTimer, ValidationMeans, correctness, performance_metrics, rollout_metrics, run_counters,
-)
-from relax_pl.models import EMBEDDED_MODEL, checkpoint_family, load_tokenizer
+from relax_pl.metrics import MeanAccumulator, PhaseTimer, RunCounters, ValidationMeans, correctness
+from relax_pl.metrics import performance_metrics, rollout_metrics
+from relax_pl.data.prompts import load_processing, prompt_tokens, render_prompt
+from relax_pl.models import EMBEDDED_MODEL
 from relax_pl.rewards import MathReward, RewardScorer, VerifiableReward, named_rewards, reward_fields
 from relax_pl.rollout import HFGenerate, RolloutBatch, RolloutEngine, SamplingConfig
 from relax_pl.setups import Setup, SingleDevice
-from relax_pl.vision import VisionConfig, load_processor
+from relax_pl.vision import VisionConfig
 
 
 class RLVRModule(L.LightningModule):
@@ -89,11 +89,8 @@ class RLVRModule(L.LightningModule):
         self.family = None  # the checkpoint's ModelFamily (None for a GGUF file: a text model)
         self._reference: list[nn.Module | None] = [None]  # a list keeps it out of state_dict and .parameters()
         self._scorer: RewardScorer | None = None
-        self._reward_failures = 0  # over the run, kept in checkpoints
-        self._skipped_updates = 0  # optimiser steps skipped for a non-finite gradient, over the run, kept too
+        self._counters = RunCounters()  # reward failures and skipped updates, kept in checkpoints
         self._resumed_rng_states: dict[str, Any] | None = None  # set on resume, applied in on_train_start
-        self._step_reward_failures = (0, 0)  # (timeouts, errors) of the latest scoring call
-        self._skipped_long_prompts: int | None = None  # rows left out at setup (sampling.on_long_prompt: skip)
         self._val_means = ValidationMeans()
         self._rng_before_validation: tuple[Tensor, list[Tensor]] | None = None  # restored after validation
         self._step_timer: PhaseTimer | None = None  # the running training step's
@@ -119,16 +116,9 @@ class RLVRModule(L.LightningModule):
 
     def load_processing(self) -> None:
         """The tokenizer and, for a vision-language checkpoint, its processor (no weights are read)."""
-        if self.tokenizer is not None:
-            return
-        self.tokenizer = load_tokenizer(
-            self.pretrained, trust_remote_code=self.trust_remote_code, chat_template=self.chat_template
-        )
-        self.family = checkpoint_family(self.pretrained, self.trust_remote_code)
-        if self.family is not None and self.family.vision_language:
-            self.processor = load_processor(
-                self.pretrained, self.tokenizer, self.family, self.vision.min_pixels, self.vision.max_pixels,
-                self.trust_remote_code,
+        if self.tokenizer is None:
+            self.tokenizer, self.family, self.processor = load_processing(
+                self.pretrained, self.vision, self.chat_template, self.trust_remote_code
             )
 
     @property
@@ -159,7 +149,7 @@ class RLVRModule(L.LightningModule):
         if self.sampling.on_long_prompt == "skip" and hasattr(datamodule, "drop_long_prompts"):
             self.load_processing()
             limit = self.sampling.max_prompt_tokens
-            self._skipped_long_prompts = datamodule.drop_long_prompts(self.prompt_tokens, limit)
+            self._counters.skipped_long_prompts = datamodule.drop_long_prompts(self.prompt_tokens, limit)
 
     def check_update_plan(self, prompts_per_step: int | None) -> None:
         """Refuse update settings that would silently compute something else than asked (before any weights load)."""
@@ -174,10 +164,7 @@ class RLVRModule(L.LightningModule):
 
     def prompt_tokens(self, sample: dict[str, Any]) -> int:
         """Tokens of the rendered prompt, each image counted at its size after resizing (no pixels are processed)."""
-        tokens = len(self.tokenizer(self.render_prompt(sample), add_special_tokens=False)["input_ids"])
-        for image in sample.get("images") or []:  # its one placeholder token becomes the image's tokens
-            tokens += self.family.image_tokens(self.processor.image_processor, image) - 1
-        return tokens
+        return prompt_tokens(self.tokenizer, self.processor, self.family, self.render_prompt(sample), sample)
 
     def teardown(self, stage: str) -> None:
         if self._scorer is not None:
@@ -195,8 +182,7 @@ class RLVRModule(L.LightningModule):
         rollout.advantages = obj.group_advantages(
             rollout.rewards, rollout.group_size, scale=self.objective.scale_advantages
         )
-        metrics = rollout_metrics(rollout, self.sampling.max_new_tokens)
-        metrics.update(run_counters(self._reward_failures, self._step_reward_failures, self._skipped_long_prompts))
+        metrics = {**rollout_metrics(rollout, self.sampling.max_new_tokens), **self._counters.metrics()}
         if self.update.dynamic_sampling:
             rollout, metrics["data/dropped_groups"] = self.drop_uniform_groups(rollout)
         for callback in rlvr_callbacks(self.trainer):
@@ -209,7 +195,8 @@ class RLVRModule(L.LightningModule):
                 rollout.ref_logp = self.reference_logprobs(rollout, torch.arange(len(rollout), device=self.device))
             with timer("update"):
                 metrics.update(self.update_policy(rollout))
-        metrics.update(timer.metrics(), **performance_metrics(rollout, timer, self.trainer.world_size, self.device))
+        metrics.update(timer.metrics())
+        metrics.update(performance_metrics(rollout, timer, self.trainer.world_size, self.device))
         self.log("reward", metrics["critic/score/mean"], prog_bar=True, batch_size=1)
         self.log_dict(metrics, batch_size=1)
 
@@ -220,16 +207,7 @@ class RLVRModule(L.LightningModule):
         return self.rollout_engine.generate(self, prompts, batch, sampling or self.sampling, greedy=greedy)
 
     def render_prompt(self, sample: dict[str, Any]) -> str:
-        if sample.get("images") and self.processor is None:
-            raise ValueError(
-                f"row {sample.get('row')} from {sample.get('source')!r} has images, but model.pretrained="
-                f"{self.pretrained!r} is a text-only model; use a vision-language model or remove data.image_key"
-            )
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(
-                f"the tokenizer of {self.pretrained!r} has no chat template; set model.chat_template in the recipe"
-            )
-        return self.tokenizer.apply_chat_template(sample["messages"], add_generation_prompt=True, tokenize=False)
+        return render_prompt(self.tokenizer, self.processor, sample, self.pretrained)
 
     def compute_rewards(self, rollout: RolloutBatch) -> dict[str, Tensor]:
         """Score every response; returns ``{"overall": (N,), <component>: (N,), ...}``.
@@ -237,8 +215,7 @@ class RLVRModule(L.LightningModule):
         Override for batch-level rewards (e.g. a learned verifier that needs the model); keep ``"overall"``.
         """
         scored = self._scorer(rollout.completions, [reward_fields(sample) for sample in rollout.samples])
-        self._reward_failures += scored.timeouts + scored.errors
-        self._step_reward_failures = (scored.timeouts, scored.errors)
+        self._counters.scored(scored.timeouts, scored.errors)
         if scored.first_error:
             rank_zero_warn(f"the reward failed on {scored.errors} response(s); first error: {scored.first_error}")
         return {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in scored.components.items()}
@@ -251,9 +228,9 @@ class RLVRModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------- forwards
     @property
     def response_forward(self) -> ResponseForward:
-        """Forwards over rollout rows with this run's setup, temperature and micro-batch size (:mod:`relax_pl.forward`)."""
-        update = self.update
-        return ResponseForward(self.model_setup, self.sampling.temperature, update.logprob_chunk_size, update.micro_batch_size)
+        """Forwards over rollout rows with this run's setup, temperature and micro-batch size."""
+        chunk, micro = self.update.logprob_chunk_size, self.update.micro_batch_size
+        return ResponseForward(self.model_setup, self.sampling.temperature, chunk, micro)
 
     def response_hidden_states(self, rollout: RolloutBatch) -> list[tuple[Tensor, Tensor]]:
         """The policy's final-norm hidden states at the response positions, without gradient, one ``(hidden, mask)``
@@ -295,7 +272,7 @@ class RLVRModule(L.LightningModule):
                     self.rollout_engine.policy_updated(self)
                 else:  # a non-finite gradient would poison the weights and every checkpoint after them
                     optimizer.zero_grad(set_to_none=True)
-                    self._skipped_updates += 1
+                    self._counters.skipped_updates += 1
                 stats.add(
                     {
                         "actor/grad_norm": float(grad_norm) if finite else float("nan"),
@@ -303,7 +280,7 @@ class RLVRModule(L.LightningModule):
                         "actor/skipped_updates": float(not finite),
                     }
                 )
-        return {**stats.means(), "actor/skipped_updates_total": float(self._skipped_updates)}
+        return {**stats.means(), "actor/skipped_updates_total": float(self._counters.skipped_updates)}
 
     def mini_batches(self, rollout: RolloutBatch) -> list[MiniBatch]:
         """One epoch's optimiser steps: whole groups in random order, cut as :meth:`MiniBatch.shuffled` says."""
@@ -313,7 +290,9 @@ class RLVRModule(L.LightningModule):
             forward=lambda rows, keep_hidden=False: forward.detached(self.policy, rollout, rows, keep_hidden),
         )
 
-    def micro_batch_loss(self, batch: MiniBatch, rows: Tensor, selected: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    def micro_batch_loss(
+        self, batch: MiniBatch, rows: Tensor, selected: Tensor | None
+    ) -> tuple[Tensor, dict[str, float]]:
         """This micro-batch's share of the mini-batch loss (the shares add up to the loss over the mini-batch)."""
         rollout, normaliser, share = batch.rollout, batch.normaliser, len(rows) / len(batch.rows)
         cfg, callbacks = self.objective, rlvr_callbacks(self.trainer)
@@ -322,9 +301,10 @@ class RLVRModule(L.LightningModule):
         width = logp.shape[1]
         old_logp = logp.detach() if rollout.old_logp is None else rollout.old_logp[rows, :width]
         tokens = LossInput(logp, old_logp, rollout.advantages[rows], mask)
-        if cfg.policy_loss.selects_tokens:  # chosen over the mini-batch, or here when one micro-batch holds it all
-            own = selected is None
-            tokens.selected = cfg.policy_loss.select(replace(tokens, logp=logp.detach())) if own else selected[rows, :width]
+        if cfg.policy_loss.selects_tokens and selected is not None:  # chosen over the mini-batch
+            tokens.selected = selected[rows, :width]
+        elif cfg.policy_loss.selects_tokens:  # one micro-batch holds the mini-batch: chosen over it here
+            tokens.selected = cfg.policy_loss.select(replace(tokens, logp=logp.detach()))
         policy_loss = cfg.policy_loss(tokens)
         per_token, stats = policy_loss.per_token, dict(policy_loss.metrics)  # detached: read once per step
         if rollout.rollout_logp is not None:  # sampled by an engine of its own: truncated importance sampling
@@ -338,18 +318,20 @@ class RLVRModule(L.LightningModule):
         stats["actor/entropy"] = obj.masked_mean(entropy.detach(), mask)
         stats["actor/ppo_kl"] = obj.masked_mean(old_logp - logp.detach(), mask)  # k1 of KL(pi_old || pi_theta)
         if rollout.ref_logp is not None:
-            kl_loss = obj.aggregate(obj.kl_penalty(logp, rollout.ref_logp[rows, :width], cfg.kl_estimator), mask, cfg.aggregation, normaliser)
+            kl = obj.kl_penalty(logp, rollout.ref_logp[rows, :width], cfg.kl_estimator)
+            kl_loss = obj.aggregate(kl, mask, cfg.aggregation, normaliser)
             stats["actor/kl_loss"] = kl_loss.detach() / share
             if cfg.kl_coef > 0:
                 loss = loss + cfg.kl_coef * kl_loss
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * obj.aggregate(entropy, mask, cfg.aggregation, normaliser)
         forward = PolicyForward(
-            response_mask=mask, logp=logp, advantages=rollout.advantages[rows], group_index=rollout.group_index[rows],
+            response_mask=mask, logp=logp, advantages=tokens.advantages, group_index=rollout.group_index[rows],
             rows=rows, entropy=entropy, old_logp=old_logp, rewards=rollout.rewards[rows], hidden=hidden,
-            head_hidden=head_hidden, reference_kl=self.reference_kl(rollout, rows, logp) if self.needs_reference else None,
-            loss_agg_mode=cfg.aggregation, normaliser=normaliser, mini_batch_responses=len(batch.rows),
-            max_new_tokens=self.sampling.max_new_tokens, global_step=self.global_step,
+            head_hidden=head_hidden, loss_agg_mode=cfg.aggregation, normaliser=normaliser,
+            reference_kl=self.reference_kl(rollout, rows, logp) if self.needs_reference else None,
+            mini_batch_responses=len(batch.rows), max_new_tokens=self.sampling.max_new_tokens,
+            global_step=self.global_step,
         )
         for callback in callbacks:
             terms: LossTerms | None = callback.policy_loss_terms(self.trainer, self, forward)
@@ -395,9 +377,7 @@ class RLVRModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the sampling RNG in the checkpoint so a resumed run draws the same responses."""
         checkpoint["state_dict"] = self.model_setup.checkpoint_state_dict(self.policy, checkpoint["state_dict"])
-        checkpoint.update(rng.checkpoint_entries())
-        checkpoint["reward_failures_total"] = self._reward_failures
-        checkpoint["skipped_updates_total"] = self._skipped_updates
+        checkpoint.update(rng.checkpoint_entries(), **self._counters.checkpoint_entries())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.model_setup.check_checkpoint(self.policy, checkpoint)
@@ -405,8 +385,7 @@ class RLVRModule(L.LightningModule):
         # applied in on_train_start: in between, Lightning creates the DataLoader iterator, which draws its base
         # seed from the global generator (an uninterrupted run drew it before its first step, not here)
         self._resumed_rng_states = rng.saved_states(checkpoint, self.trainer.world_size, self.global_rank)
-        self._reward_failures = checkpoint.get("reward_failures_total", 0)
-        self._skipped_updates = checkpoint.get("skipped_updates_total", 0)
+        self._counters.load(checkpoint)
 
     def on_train_start(self) -> None:
         states, self._resumed_rng_states = self._resumed_rng_states, None
