@@ -24,7 +24,9 @@ MOVED_OBJECTIVE_KEYS = {
     "kl_cov_ratio": "model.objective.policy_loss.init_args.ratio (policy_loss: relax_pl.losses.KLCov)",
     "kl_cov_coef": "model.objective.policy_loss.init_args.coef (policy_loss: relax_pl.losses.KLCov)",
 }
-RENAMED_POLICY_LOSSES = {"ppo": "relax_pl.losses.PPOClip", "clip_cov": "relax_pl.losses.ClipCov", "kl_cov": "relax_pl.losses.KLCov"}
+RENAMED_POLICY_LOSSES = {
+    "ppo": "relax_pl.losses.PPOClip", "clip_cov": "relax_pl.losses.ClipCov", "kl_cov": "relax_pl.losses.KLCov"
+}
 
 
 @dataclass

@@ -51,7 +51,9 @@ class ResponseForward:
         self.chunk_size = chunk_size
         self.micro_batch_size = micro_batch_size
 
-    def __call__(self, model: nn.Module, rollout: RolloutBatch, rows: Tensor, keep_hidden: bool = False) -> ForwardOutput:
+    def __call__(
+        self, model: nn.Module, rollout: RolloutBatch, rows: Tensor, keep_hidden: bool = False
+    ) -> ForwardOutput:
         """Log-probs ``(B, T)``, entropy ``(B, T)``, response mask and (optionally) the final-norm hidden
         states ``(B, T, d)`` at the response positions of ``rows``, trimmed to the longest response."""
         response_mask = rollout.response_mask[rows]
@@ -175,7 +177,9 @@ def reference_kl(
 def capture_output(module: nn.Module) -> Iterator[list[Tensor]]:
     """Keep ``module``'s forward output (with its autograd graph) while the context is open."""
     captured: list[Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    handle = module.register_forward_hook(
+        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    )
     try:
         yield captured
     finally:

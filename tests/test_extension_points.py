@@ -40,7 +40,8 @@ def test_the_readme_loss_is_one_file_with_hand_checked_values(tmp_path, monkeypa
     losses = readme_module("Write a loss", "my_losses", tmp_path, monkeypatch)
     # ratios 1.5, 0.2, 5 against old log-probs 0; A = -1: PPO gives 1.5, 0.8, 5; the dual clip caps 5 at 3
     logp = torch.log(torch.tensor([[1.5, 0.2, 5.0]]))
-    out = losses.DualClip(clip=0.2, dual_clip=3.0)(LossInput(logp, torch.zeros(1, 3), torch.tensor([-1.0]), torch.ones(1, 3, dtype=torch.bool)))
+    batch = LossInput(logp, torch.zeros(1, 3), torch.tensor([-1.0]), torch.ones(1, 3, dtype=torch.bool))
+    out = losses.DualClip(clip=0.2, dual_clip=3.0)(batch)
     assert out.per_token[0].tolist() == pytest.approx([1.5, 0.8, 3.0], rel=1e-6)
     assert float(out.metrics["actor/dual_clipfrac"]) == pytest.approx(1 / 3)
 
@@ -54,7 +55,9 @@ def test_a_loss_a_regulariser_and_several_rewards_from_their_own_files(tmp_path,
         tmp_path / "run", tiny_model,
         [{"class_path": "my_regularisers.EntropyOnFailures", "init_args": {"coef": 0.05}}],
         model={
-            "reward": [{"class_path": "probe_rewards.LengthParityReward"}, {"class_path": "probe_rewards.ParityAccuracyReward"}],
+            "reward": [
+                {"class_path": "probe_rewards.LengthParityReward"}, {"class_path": "probe_rewards.ParityAccuracyReward"}
+            ],
             "reward_weights": [1.0, 0.5],
             "objective": {"policy_loss": {"class_path": "my_losses.DualClip", "init_args": {"dual_clip": 3.0}}},
             "update": {"micro_batch_size": 4, "ppo_epochs": 2},
@@ -62,8 +65,10 @@ def test_a_loss_a_regulariser_and_several_rewards_from_their_own_files(tmp_path,
     )
     main(["fit", "--config", str(recipe)])
     scalars, _ = tensorboard_logs(tmp_path / "run")
-    for tag in ("actor/dual_clipfrac", "entropy_on_failures", "reward/LengthParityReward",
-                "reward/ParityAccuracyReward", "reward/ParityAccuracyReward/accuracy", "reward/ParityAccuracyReward/format"):
+    for tag in (
+        "actor/dual_clipfrac", "entropy_on_failures", "reward/LengthParityReward", "reward/ParityAccuracyReward",
+        "reward/ParityAccuracyReward/accuracy", "reward/ParityAccuracyReward/format",
+    ):
         assert tag in scalars, f"{tag} not logged; got {sorted(scalars)}"
     assert all(v <= 0 for v in scalars["entropy_on_failures"]) and min(scalars["entropy_on_failures"]) < 0
     for overall, parity, accuracy_reward in zip(
@@ -82,7 +87,8 @@ def test_several_rewards_each_bounded_and_named():
         "MathReward", "MathReward_2", "LengthParityReward"]
     completions = ["ab", "abc", "1234", "x"]
     samples = [{"prompt": "p", "answer": "a"}] * len(completions)
-    with RewardScorerContext([LengthParityReward(), ParityAccuracyReward(), FlakyReward(timeout_s=0.5)], [1.0, 0.5, 2.0]) as scorer:
+    rewards = [LengthParityReward(), ParityAccuracyReward(), FlakyReward(timeout_s=0.5)]
+    with RewardScorerContext(rewards, [1.0, 0.5, 2.0]) as scorer:
         scored = scorer(completions, samples)
     with RewardScorerContext(FlakyReward(timeout_s=0.5), None) as alone:
         flaky = alone(completions, samples)

@@ -56,4 +56,5 @@ def test_qwen_vl_rows_per_prompt_and_positions():
     assert family.image_rows({"image_grid_thw": grids}, [2, 0, 1]) == {
         "image_grid_thw": [2, 0, 1], "pixel_values": [28, 0, 4]}
     assert family.position_ids(torch.ones(1, 3), {"image_grid_thw": grids}) is None  # the model numbers them
-    assert family.count_image_tokens({"input_ids": torch.zeros(2, 3), "mm_token_type_ids": torch.tensor([[0, 1, 1], [0, 0, 0]])}) == [2, 0]
+    encoded = {"input_ids": torch.zeros(2, 3), "mm_token_type_ids": torch.tensor([[0, 1, 1], [0, 0, 0]])}
+    assert family.count_image_tokens(encoded) == [2, 0]

@@ -38,16 +38,13 @@ class ModelFamily:
     * vision-language prompts: :attr:`token_inputs`, :meth:`fallback_processor`, :meth:`image_tokens`,
       :meth:`image_rows`, :meth:`count_image_tokens`, :meth:`vision_token_ids`.
 
-    Example::
+    Example (GPT-2 keeps its final norm at ``transformer.ln_f``; its blocks are in ``_no_split_modules``)::
 
         class GPT2(ModelFamily):
             model_types = ("gpt2",)
 
             def final_norm(self, model):
                 return unwrap(model).transformer.ln_f
-
-            def decoder_blocks(self, model):
-                return list(unwrap(model).transformer.h)
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()

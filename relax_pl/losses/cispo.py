@@ -40,7 +40,9 @@ class CISPO(PolicyLoss):
 
     def __init__(self, clip_low: float | None = None, clip_high: float = 0.28) -> None:
         if clip_low is not None and not 0 <= clip_low <= 1 or clip_high < 0:
-            raise ValueError(f"CISPO needs clip_low in [0, 1] (or None) and clip_high >= 0, got {clip_low}, {clip_high}")
+            raise ValueError(
+                f"CISPO needs clip_low in [0, 1] (or None) and clip_high >= 0, got {clip_low}, {clip_high}"
+            )
         self.clip_low, self.clip_high = clip_low, clip_high
 
     def __call__(self, batch: LossInput) -> LossOutput:

@@ -61,7 +61,11 @@ class ClipCov(PolicyLoss):
     """
 
     def __init__(
-        self, clip_low: float = 0.2, clip_high: float = 0.2, ratio: float = 2e-4, bounds: tuple[float, float] = (1.0, 5.0)
+        self,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        ratio: float = 2e-4,
+        bounds: tuple[float, float] = (1.0, 5.0),
     ) -> None:
         if not 0 < ratio <= 1 or bounds[0] > bounds[1]:
             raise ValueError(f"ClipCov needs 0 < ratio <= 1 and bounds low <= high, got {ratio}, {bounds}")

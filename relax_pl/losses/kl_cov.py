@@ -21,7 +21,9 @@ def kl_cov_selection(logp: Tensor, advantages: Tensor, mask: Tensor, kl_ratio: f
     return selected
 
 
-def kl_cov_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, selected: Tensor, kl_coef: float = 1.0) -> Tensor:
+def kl_cov_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, selected: Tensor, kl_coef: float = 1.0
+) -> Tensor:
     """KL-Cov's per-token loss: the unclipped policy-gradient loss ``-rho A`` plus ``kl_coef * |logp - old_logp|`` on
     the ``selected`` tokens (:func:`kl_cov_selection`). The penalty and its gradient are zero until the policy has
     moved away from the one that sampled (a second mini-batch or PPO epoch)."""
