@@ -30,8 +30,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from relax_pl import objectives as obj
 from relax_pl.callbacks.latent_exploration import latent_exploration_loss
 from relax_pl.koopman import KoopmanDictionary, dsd, fit_dictionary
-from relax_pl.models import EMBEDDED_MODEL, final_norm, load_causal_lm
-from relax_pl.module import capture_output
+from relax_pl.families import final_norm
+from relax_pl.forward import capture_output
+from relax_pl.models import EMBEDDED_MODEL, load_causal_lm
 
 PROMPT_TOKENS = 32
 MODELS = ["smollm2-135m", "qwen2.5-1.5b-shape"]

@@ -66,7 +66,7 @@ def sample(recipe: str, prompts: int, group: int, max_new_tokens: int, seed: int
     width = rollout.response_mask.shape[1]
     for rows in torch.arange(len(rollout)).split(4):
         with torch.no_grad():
-            out = module.policy_forward(module.policy, rollout, rows, keep_hidden=True)
+            out = module.response_forward(module.policy, rollout, rows, keep_hidden=True)
         leaf = out.head_hidden.detach().requires_grad_()
         with torch.enable_grad():
             logp, _ = obj.token_logprobs_and_entropy(leaf, rollout.responses[rows, : leaf.shape[1]], head)

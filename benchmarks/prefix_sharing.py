@@ -6,7 +6,7 @@
 Both variants run in this one process, alternating, on the same rollout and weights: "shared" is what relax_pl
 does (the prompt's key/value cache computed once per group and repeated for its responses); "per response" runs
 every response's prompt through the model again (generation: each copy of a prompt as a prompt of its own; update:
-``RLVRModule.shares_prompt_prefix`` switched off). Medians over ``--repeats`` alternations.
+``ResponseForward.shares_prompt_prefix`` switched off). Medians over ``--repeats`` alternations.
 """
 
 from __future__ import annotations
@@ -55,12 +55,11 @@ def run() -> None:
                      module.sampling, num_responses=1)
 
     def update(shared: bool) -> None:
-        if shared:
-            vars(module).pop("shares_prompt_prefix", None)  # RLVRModule's own decision
-        else:
-            module.shares_prompt_prefix = lambda *args: False
+        forward = module.response_forward  # shared: relax_pl's own decision
+        if not shared:
+            forward.shares_prompt_prefix = lambda *args: False
         for rows in torch.arange(len(rollout)).split(module.update.micro_batch_size):
-            logp, _, mask, _, _ = module.policy_forward(module.policy, rollout, rows)
+            logp, _, mask, _, _ = forward(module.policy, rollout, rows)
             (logp * mask).sum().backward()
         module.policy.zero_grad(set_to_none=True)
 

@@ -23,7 +23,8 @@ from step_profile import PHASES, StepRecorder, table
 from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2_5_VLConfig
 
 from relax_pl.data import PromptDataModule
-from relax_pl.module import ObjectiveConfig, OptimizerConfig, RLVRModule, UpdateConfig, ValidationConfig
+from relax_pl.config import ObjectiveConfig, OptimizerConfig, UpdateConfig, ValidationConfig
+from relax_pl.module import RLVRModule
 from relax_pl.rewards import Geo3kReward
 from relax_pl.rollout import SamplingConfig
 from relax_pl.setups import DTYPES, SingleDevice, enable_gradient_checkpointing

@@ -123,9 +123,9 @@ def run_trl(conn, cli_args: list[str], threads: int) -> None:
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from relax_pl.losses import PPOClip
     from relax_pl.models import load_causal_lm, load_tokenizer
-    from relax_pl.module import reward_fields
-    from relax_pl.rewards import BoundedScorer
+    from relax_pl.rewards import BoundedScorer, reward_fields
     from relax_pl.rollout import stop_token_ids
 
     torch.set_num_threads(threads)
@@ -134,9 +134,10 @@ def run_trl(conn, cli_args: list[str], threads: int) -> None:
     module, data, trainer_config = cli.model, cli.datamodule, cli.config["trainer"]
     sampling, objective, update, optim = module.sampling, module.objective, module.update, module.optimizer_config
     setup = module.model_setup
-    if update.ppo_epochs != 1 or update.mini_batch_size is not None or objective.policy_loss != "ppo":
+    clip = objective.policy_loss
+    if update.ppo_epochs != 1 or update.mini_batch_size is not None or type(clip) is not PPOClip:
         raise ValueError("the TRL side mirrors one PPO-clip update per step only (ppo_epochs 1, no mini_batch_size)")
-    if objective.loss_agg != "token-mean" or objective.entropy_coef:
+    if objective.aggregation != "token-mean" or objective.entropy_coef:
         raise ValueError("the TRL side mirrors loss_agg token-mean (TRL 'dapo') without an entropy bonus only")
 
     model = load_causal_lm(module.pretrained, dtype=setup.dtype, trust_remote_code=module.trust_remote_code)
@@ -209,8 +210,8 @@ def run_trl(conn, cli_args: list[str], threads: int) -> None:
             lr_scheduler_type="constant",
             max_grad_norm=update.grad_clip,
             beta=objective.kl_coef,
-            epsilon=objective.clip_low,
-            epsilon_high=objective.clip_high,
+            epsilon=clip.clip_low,
+            epsilon_high=clip.clip_high,
             loss_type="dapo",
             scale_rewards="group" if objective.scale_advantages else "none",
             shuffle_dataset=False,
@@ -286,7 +287,8 @@ def settings(cli_args: list[str], threads: int, steps: int) -> tuple[list[str], 
         f"{d.batch_size} prompts x {s.num_responses} completions per step, at most {s.max_new_tokens} new tokens, "
         f"temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}",
         f"AdamW lr {opt.lr} betas {tuple(opt.betas)}, grad clip {u.grad_clip}, micro-batch {u.micro_batch_size}, "
-        f"clip ({o.clip_low}, {o.clip_high}), KL weight {o.kl_coef}, loss {o.loss_agg} (TRL 'dapo'), "
+        f"clip ({o.policy_loss.clip_low}, {o.policy_loss.clip_high}), KL weight {o.kl_coef}, loss {o.aggregation} "
+        "(TRL 'dapo'), "
         f"reward {type(m.reward).__name__}",
     ]
     return lines, d.batch_size * s.num_responses

@@ -6,16 +6,18 @@ checks every key and type before anything is instantiated, so a typo fails befor
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from relax_pl.checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from relax_pl.config import MOVED_OBJECTIVE_KEYS, RENAMED_POLICY_LOSSES
 from relax_pl.data import PromptDataModule
 from relax_pl.module import RLVRModule
 
@@ -75,6 +77,30 @@ def continue_logging(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
             logger._kwargs["purge_step"] = saved["step"] + 1  # the CLI passes SummaryWriter's None default
 
 
+class RecipeParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors also say where a key of an older recipe went."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(message + moved_key_hint(message), ex)
+
+
+def moved_key_hint(message: str) -> str:
+    """The new place of every moved recipe key a parser error names (:data:`relax_pl.config.MOVED_OBJECTIVE_KEYS`),
+    or of a policy loss named the old way (``policy_loss: kl_cov``); empty when it names none."""
+    hints = [
+        f"model.objective.{key} moved to {MOVED_OBJECTIVE_KEYS[key]}"
+        for key in dict.fromkeys(re.findall(r"objective\.(\w+)", message))
+        if key in MOVED_OBJECTIVE_KEYS
+    ]
+    if "objective.policy_loss" in message:
+        hints += [
+            f"model.objective.policy_loss takes a class now: {old} is {new} (class_path and its init_args)"
+            for old, new in RENAMED_POLICY_LOSSES.items()
+            if re.search(rf"\b{old}\b", message.split("objective.policy_loss", 1)[1])
+        ]
+    return "".join(f"\n  {hint}" for hint in hints)
+
+
 class RelaxCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Also read a ``--ckpt_path`` file now (weights_only, memory-mapped): LightningCLI reads it next for
@@ -111,6 +137,7 @@ def main(
     return RelaxCLI(
         model_class,
         PromptDataModule,
+        parser_class=RecipeParser,
         args=args,
         run=run,
         auto_configure_optimizers=False,

@@ -6,11 +6,12 @@
 The recipe's ``model:`` section says which base model and which setup wrote the checkpoint. Writes:
 
 * ``<out>/model``: a plain Hugging Face model and its tokenizer (``AutoModelForCausalLM.from_pretrained``). For a
-  QLoRA run it is the adapter merged into the base reloaded in bf16 (see :data:`MERGE_NOTE`).
-* ``<out>/adapter`` (QLoRA runs only): the PEFT adapter and the tokenizer
+  LoRA or QLoRA run it is the adapter merged into the base (for QLoRA, the base reloaded in bf16: see
+  :data:`MERGE_NOTE`).
+* ``<out>/adapter`` (LoRA and QLoRA runs only): the PEFT adapter and the tokenizer
   (``PeftModel.from_pretrained(base, "<out>/adapter")``).
 
-Works for single-file checkpoints (SingleDevice, QLoRA, FSDP with ``save_distributed_checkpoint: false``) and
+Works for single-file checkpoints (SingleDevice, LoRA, QLoRA, FSDP with ``save_distributed_checkpoint: false``) and
 for FSDP's sharded checkpoint folders, which are consolidated in this one process without a process group.
 """
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from relax_pl.checkpointing import CheckpointError, load_checkpoint_file, load_sharded_keys
 from relax_pl.models import load_causal_lm, load_tokenizer
 from relax_pl.module import RLVRModule
-from relax_pl.setups import QLoRA
+from relax_pl.setups import LoRA, QLoRA
 
 MERGE_NOTE = """\
 This folder holds the base model with the LoRA adapter merged in. The base was reloaded in {dtype} from
@@ -86,7 +87,7 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], source: str) -> 
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load the LoRA tensors of a QLoRA checkpoint into a PEFT model built with the same LoRA settings."""
+    """Load the LoRA tensors of a LoRA or QLoRA checkpoint into a PEFT model built with the same LoRA settings."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if "lora_" in k]
     if missing or unexpected:
@@ -97,7 +98,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, Tensor], source: str) 
 
 
 def export(config: str | Path, ckpt_path: str | Path, out: str | Path, dtype: str = "bfloat16") -> dict[str, Path]:
-    """Write ``<out>/model`` (and ``<out>/adapter`` for QLoRA runs); returns the folders written."""
+    """Write ``<out>/model`` (and ``<out>/adapter`` for LoRA and QLoRA runs); returns the folders written."""
     module = module_from_recipe(config)
     state = load_policy_state(ckpt_path)
     out = Path(out)
@@ -106,7 +107,7 @@ def export(config: str | Path, ckpt_path: str | Path, out: str | Path, dtype: st
     )
     model = load_causal_lm(module.pretrained, dtype=dtype, trust_remote_code=module.trust_remote_code)
     written: dict[str, Path] = {}
-    if isinstance(module.model_setup, QLoRA):
+    if isinstance(module.model_setup, LoRA):
         from peft import get_peft_model
 
         peft_model = get_peft_model(model, module.model_setup.lora_config(model))
@@ -120,7 +121,7 @@ def export(config: str | Path, ckpt_path: str | Path, out: str | Path, dtype: st
     written["model"] = out / "model"
     model.save_pretrained(written["model"])
     tokenizer.save_pretrained(written["model"])
-    if "adapter" in written:
+    if isinstance(module.model_setup, QLoRA):  # an unquantised base merges exactly (up to the dtype)
         (written["model"] / "README.md").write_text(MERGE_NOTE.format(dtype=dtype, pretrained=module.pretrained))
     return written
 

@@ -12,8 +12,14 @@ RLVRModule imports no callback. A callback that wants to take part in the update
   quantile over the batch) reads what it needs of the other micro-batches here, so that its loss and gradient
   do not depend on ``micro_batch_size``.
 * ``policy_loss_terms(trainer, module, forward)``: called on every micro-batch of the policy update with a
-  :class:`PolicyForward`; returns :class:`LossTerms` whose losses are added to the policy loss before
-  ``backward`` and whose metrics are logged (averaged over the step's micro-batches).
+  :class:`PolicyForward` (log-probs, entropy, old log-probs, advantages, rewards, the response mask and the
+  aggregation normaliser; hidden states and the reference KL on request); returns :class:`LossTerms` whose losses
+  are added to the policy loss before ``backward`` and whose metrics are logged (averaged over the step's
+  micro-batches).
+
+A callback keeps its own state (a fitted dictionary, a calibration) in its own ``state_dict`` /
+``load_state_dict``, which Lightning saves in every checkpoint; it reads another callback's state only through that
+callback's methods (``KoopmanFit.ensure_fitted``, ``dictionary_on``) and never writes it.
 
 The loss contract: a returned loss is *this micro-batch's share* of the mini-batch loss; the module adds it
 unscaled, and the shares of a mini-batch's micro-batches add up to the term over the whole mini-batch (what one
@@ -27,12 +33,15 @@ every layer). Set ``needs_reference = True`` to have ``forward.reference_kl`` av
 to the reference policy of the rows a callback selects, running the reference forward over those rows only
 (all rows up front when the objective has its own KL term, or on sharded ranks, which must run in lockstep).
 
-Example::
+Example (an entropy bonus on the responses that earned nothing, one file)::
 
-    class LengthPenalty(RLVRCallback):
+    class EntropyOnFailures(RLVRCallback):
+        def __init__(self, coef: float = 0.01):
+            self.coef = coef
+
         def policy_loss_terms(self, trainer, module, forward):
-            lengths = forward.response_mask.sum(-1).float()
-            return LossTerms(losses={"length_penalty": 1e-4 * forward.mean_over_responses(lengths)})
+            failed = (forward.rewards <= 0)[:, None] & forward.response_mask
+            return LossTerms(losses={"entropy_on_failures": -self.coef * forward.aggregate(forward.entropy * failed)})
 """
 
 from __future__ import annotations
@@ -77,6 +86,43 @@ class MiniBatch:
     # forward(rows, keep_hidden) -> DetachedForward chunks of at most micro_batch_size rows, no grad
     forward: Callable[[Tensor, bool], Iterator[DetachedForward]]
 
+    @classmethod
+    def shuffled(
+        cls,
+        rollout: RolloutBatch,
+        mini_batch_size: int | None,
+        micro_batch_size: int,
+        loss_agg_mode: str,
+        forward: Callable[[Tensor, bool], Iterator[DetachedForward]],
+    ) -> list[MiniBatch]:
+        """One epoch of optimiser steps over ``rollout``: its groups in random order (whole groups), ``mini_batch_size``
+        responses per step (None: all), each step :meth:`cut` into micro-batches."""
+        order = torch.randperm(len(rollout) // rollout.group_size)
+        rows = (order[:, None] * rollout.group_size + torch.arange(rollout.group_size)).reshape(-1)
+        rows = rows.to(rollout.input_ids.device)
+        return [
+            cls.cut(rollout, part, micro_batch_size, loss_agg_mode, forward)
+            for part in rows.split(mini_batch_size or len(rollout))
+        ]
+
+    @classmethod
+    def cut(
+        cls,
+        rollout: RolloutBatch,
+        rows: Tensor,
+        micro_batch_size: int,
+        loss_agg_mode: str,
+        forward: Callable[[Tensor, bool], Iterator[DetachedForward]],
+    ) -> MiniBatch:
+        """``rows`` cut into micro-batches of at most ``micro_batch_size`` responses, each holding whole groups
+        whenever ``micro_batch_size`` holds one (so group-level terms need no extra forward)."""
+        size = micro_batch_size
+        if rollout.group_size <= size:
+            size -= size % rollout.group_size
+        mask = rollout.response_mask[rows]
+        normaliser = float(mask.sum()) if loss_agg_mode == "token-mean" else float(len(rows))
+        return cls(rollout, rows, list(rows.split(size)), normaliser, loss_agg_mode, forward)
+
     @property
     def split_rows(self) -> Tensor:
         """The rows whose prompt group is spread over more than one micro-batch."""
@@ -100,6 +146,11 @@ class PolicyForward:
     advantages: Tensor  # (B,) one detached scalar advantage per response
     group_index: Tensor  # (B,) long: responses of the same prompt share an index
     rows: Tensor | None = None  # (B,) the rollout rows of this micro-batch (keys into MiniBatch statistics)
+    entropy: Tensor | None = None  # (B, T) true entropy of each next-token distribution, with grad
+    # (B, T) log-probs of the sampled tokens under the policy that sampled them, detached (in one on-policy pass:
+    # logp.detach(), so logp - old_logp is 0 in value and carries the gradient of logp)
+    old_logp: Tensor | None = None
+    rewards: Tensor | None = None  # (B,) each response's overall reward (rollout.reward_components has the parts)
     hidden: Tensor | None = None  # (B, T, d) final-norm hidden states with grad, if a callback needs them
     # (B, T, d) the final-norm states that predict each response token (the vocabulary projection's input), with
     # grad: register a hook on it to see the gradient every logp-based term sends to the final hidden states

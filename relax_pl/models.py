@@ -25,24 +25,19 @@ from typing import Any, Literal
 import torch
 import transformers
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoModelForImageTextToText,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
-    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-)
+
+from relax_pl.families import ModelFamily, family_of
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -175,7 +170,8 @@ def load_causal_lm(
             from a GGUF file too.
 
     Vision-language checkpoints (Qwen2-VL, Qwen2.5-VL) are not causal-LM classes in transformers 5; they load
-    as their image-text-to-text class, which generates and trains the same way.
+    as their image-text-to-text class (their family's :meth:`~relax_pl.families.ModelFamily.model_class`), which
+    generates and trains the same way.
     """
     source, gguf_name = resolve_model_source(name_or_path, gguf_file)
     torch_dtype = _torch_dtype(dtype)
@@ -184,17 +180,10 @@ def load_causal_lm(
     if gguf_name is not None:
         return _load_gguf(source, gguf_name, torch_dtype, **kwargs)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    auto_class = _auto_class(config)
+    auto_class = family_of(config).model_class()
     return auto_class.from_pretrained(
         source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
     )
-
-
-def _auto_class(config: PretrainedConfig) -> type:
-    model_type = getattr(config, "model_type", None)
-    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
 
 
 def _load_gguf(folder: str, gguf_file: str, dtype: torch.dtype | str, **kwargs: Any) -> PreTrainedModel:
@@ -301,20 +290,11 @@ def build_tiny_model(
         return model_class(config)
 
 
-def final_norm(model: nn.Module) -> nn.Module:
-    """The module whose output is the final-norm hidden state (what ``hidden_states[-1]`` holds in HF outputs).
-
-    Handles causal LMs (``model.model.norm``), PEFT-wrapped models, and vision-language models whose language
-    model sits one level deeper (Qwen2-VL / Qwen2.5-VL: ``model.model.language_model.norm``).
-
-    Raises:
-        ValueError: no final norm was found; the message names the model class.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    if not isinstance(norm, nn.Module):
-        raise ValueError(
-            f"No final norm found in {type(model).__name__} (looked for get_decoder().norm on {type(base).__name__})"
-        )
-    return norm
+def checkpoint_family(name_or_path: str, trust_remote_code: bool = False) -> ModelFamily | None:
+    """The family adapter of a checkpoint, from its config alone (no weights are read); None for a GGUF file, whose
+    family is known once it is loaded (:func:`relax_pl.families.family_of` of the model; GGUF files hold text
+    models)."""
+    source, gguf_file = resolve_model_source(name_or_path)
+    if gguf_file is not None:
+        return None
+    return family_of(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))

@@ -1,4 +1,5 @@
-"""Pure loss math for GRPO-style policy optimisation.
+"""Pure loss math shared by every policy loss: advantages, KL estimators, aggregation, covariance scores, log-probs
+and entropy (the policy losses themselves live in :mod:`relax_pl.losses`, one per file).
 
 Every function works on plain tensors. Shapes: ``N`` responses, ``T`` response positions; per-token tensors
 are ``(N, T)`` with a boolean ``mask`` that is True on real response tokens. Equations refer to
@@ -38,31 +39,6 @@ def uniform_groups(rewards: Tensor, group_size: int) -> Tensor:
     drops them)."""
     grouped = rewards.view(-1, group_size)
     return (grouped == grouped[:, :1]).all(dim=1)
-
-
-def clipped_surrogate(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Negated PPO clipped surrogate per token, with clip-higher (DAPO):
-
-    ``L_t = -min(rho_t A, clip(rho_t, 1 - clip_low, 1 + clip_high) A)``, ``rho_t = exp(logp_t - old_logp_t)``.
-
-    ``advantages`` is ``(N,)`` (broadcast over tokens) or ``(N, T)``. Returns the per-token loss and boolean
-    per-token masks of where the clip was active: ``clipped_low`` (A < 0, ratio below 1 - clip_low) and
-    ``clipped_high`` (A > 0, ratio above 1 + clip_high).
-    """
-    adv = advantages.unsqueeze(-1) if advantages.ndim == 1 else advantages
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
-    loss = -torch.minimum(unclipped, clipped)
-    with torch.no_grad():
-        stats = {
-            "clipped_low": (adv < 0) & (ratio < 1.0 - clip_low),
-            "clipped_high": (adv > 0) & (ratio > 1.0 + clip_high),
-            "approx_kl": old_logp - logp,  # k1 estimate of KL(pi_old || pi_theta) per token
-        }
-    return loss, stats
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") -> Tensor:
@@ -118,74 +94,6 @@ def covariance_scores(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
     scores = torch.full_like(logp.detach(), float("-inf"))
     scores[mask] = (lp - lp.mean()) * (a - a.mean())
     return scores
-
-
-def clip_cov_selection(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    clip_low: float,
-    clip_high: float,
-    clip_ratio: float = 2e-4,
-    cov_bounds: tuple[float, float] = (1.0, 5.0),
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """The tokens whose gradient Clip-Cov detaches (Cui et al. 2505.22617, Sec. 5), ``(N, T)`` bool: a random
-    ``max(int(clip_ratio * n_tokens), 1)`` of the tokens whose covariance score lies in ``cov_bounds``, drawn
-    among those the PPO clip has not already zeroed (as the reference implementation does). Computed over the
-    whole mini-batch, so the budget, the centring and the draw do not depend on micro-batching."""
-    _, clip = clipped_surrogate(logp.detach(), old_logp, advantages, clip_low, clip_high)
-    scores = covariance_scores(logp, advantages, mask)
-    in_bounds = (scores >= cov_bounds[0]) & (scores <= cov_bounds[1])
-    candidates = (in_bounds & mask & ~clip["clipped_low"] & ~clip["clipped_high"]).nonzero()
-    n_clip = min(len(candidates), max(int(clip_ratio * int(mask.sum())), 1))
-    selected = torch.zeros_like(mask)
-    if len(candidates):
-        pick = torch.randperm(len(candidates), generator=generator, device="cpu")[:n_clip].to(candidates.device)
-        rows, cols = candidates[pick].unbind(-1)
-        selected[rows, cols] = True
-    return selected
-
-
-def clip_cov_surrogate(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float, selected: Tensor
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clip-Cov: the clipped surrogate with the gradient of the ``selected`` tokens (:func:`clip_cov_selection`)
-    detached."""
-    loss, stats = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
-    stats["cov_selected"] = selected
-    return torch.where(selected, loss.detach(), loss), stats
-
-
-def kl_cov_selection(logp: Tensor, advantages: Tensor, mask: Tensor, kl_ratio: float = 2e-3) -> Tensor:
-    """The tokens KL-Cov penalises (Cui et al. 2505.22617, Sec. 5), ``(N, T)`` bool: the top
-    ``max(int(kl_ratio * n_tokens), 1)`` tokens of the whole mini-batch by covariance score."""
-    scores = covariance_scores(logp, advantages, mask)
-    k = min(max(int(kl_ratio * int(mask.sum())), 1), int(mask.sum()))
-    selected = torch.zeros_like(mask)
-    if k:
-        selected.view(-1)[scores.flatten().topk(k).indices] = True
-    return selected
-
-
-def kl_cov_surrogate(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, selected: Tensor, kl_coef: float = 1.0
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """KL-Cov: the unclipped policy-gradient loss ``-rho A`` plus ``kl_coef * |logp - old_logp|`` on the
-    ``selected`` tokens (:func:`kl_cov_selection`). The penalty and its gradient are zero until the policy has
-    moved away from the one that sampled (a second mini-batch or PPO epoch)."""
-    adv = advantages.unsqueeze(-1) if advantages.ndim == 1 else advantages
-    ratio = torch.exp(logp - old_logp)
-    loss = torch.where(selected, -ratio * adv + kl_coef * (logp - old_logp).abs(), -ratio * adv)
-    with torch.no_grad():
-        stats = {
-            "clipped_low": torch.zeros_like(selected),
-            "clipped_high": torch.zeros_like(selected),
-            "approx_kl": old_logp - logp,
-            "cov_selected": selected,
-        }
-    return loss, stats
 
 
 def _logprob_entropy_chunk(hidden: Tensor, tokens: Tensor, head: Callable[[Tensor], Tensor], temperature: float):

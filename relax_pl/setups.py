@@ -2,8 +2,9 @@
 precision that go with them, so a recipe says it once (``model.setup``) and the Trainer follows.
 
 * :class:`SingleDevice`: the whole model on one device, full fine-tuning, a full copy as reference.
-* :class:`QLoRA`: a 4-bit NF4 base with a LoRA adapter on one device; the reference is the same model with the
-  adapter disabled, and checkpoints hold the adapter only.
+* :class:`LoRA`: a frozen bf16 / float32 base with a LoRA adapter on one device; the reference is the same model
+  with the adapter disabled, and checkpoints hold the adapter only.
+* :class:`QLoRA`: the same on a 4-bit NF4 base, for a model that does not fit unquantised.
 * :class:`FSDP`: full fine-tuning sharded over every rank with FSDP2 (``fully_shard`` per decoder block, then the
   root) through Lightning's ``ModelParallelStrategy``; runs on GPUs, and on CPUs with several processes.
 
@@ -26,6 +27,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from relax_pl.families import family_of
 from relax_pl.models import load_causal_lm
 
 if TYPE_CHECKING:
@@ -46,6 +48,10 @@ class Setup:
     """
 
     strict_loading: bool = True  # a checkpoint holds every weight of the module
+    # Every forward of the policy is a collective over the ranks (a sharded model): the ranks must generate in
+    # lockstep (the same decoding steps), run the same forwards in the same order, and each grad forward must be
+    # followed by its own backward. The module and the rollout engines read this instead of guessing from the mesh.
+    lockstep: bool = False
 
     def __init__(self, dtype: Dtype = "float32", gradient_checkpointing: bool = False) -> None:
         self.dtype = dtype
@@ -99,16 +105,18 @@ class SingleDevice(Setup):
         return {"strategy": "auto", "devices": 1}
 
 
-class QLoRA(Setup):
-    """A frozen 4-bit base (bitsandbytes NF4, double quantisation) with a trainable LoRA adapter, on one device.
+class LoRA(Setup):
+    """A frozen base in its own dtype (bfloat16 or float32, nothing quantised) with a trainable LoRA adapter, on one
+    device: for a model that fits unquantised, where QLoRA's 4-bit layers would only cost time (on a CPU, minutes
+    per step) and add quantisation error.
 
     The reference policy is the policy with its adapter disabled, so no second copy is held. Checkpoints hold
-    the adapter and the optimiser state only; ``python -m relax_pl export`` writes the adapter folder and a merged
-    bf16 Hugging Face folder.
+    the adapter and the optimiser state only; ``python -m relax_pl export`` writes the adapter folder and the
+    base with the adapter merged in.
 
     Args:
-        dtype: compute dtype of the 4-bit layers (``bnb_4bit_compute_dtype``): bfloat16 on a GPU, float32 on the
-            CPU. Norms, embeddings and the adapter are kept in float32 for stable updates.
+        dtype: the base's dtype: bfloat16 on a GPU, float32 on the CPU. The adapter's weights are kept in float32
+            whatever the base's (PEFT upcasts them) for stable updates.
         gradient_checkpointing: recompute decoder activations in backward (works with the frozen base: the
             embedding output is made to require grad).
         rank: LoRA rank ``r``.
@@ -118,8 +126,6 @@ class QLoRA(Setup):
             ``["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]``.
         exclude_modules: module names whose linear layers get no adapter, wherever they sit (default: the
             vision tower of vision-language models, ``visual`` in Qwen2-VL / Qwen2.5-VL).
-        quant_type: ``"nf4"`` (QLoRA's NormalFloat) or ``"fp4"``.
-        double_quant: quantise the quantisation constants too (about 0.4 bits per weight saved).
     """
 
     strict_loading = False  # a checkpoint holds the adapter only; check_checkpoint verifies it is complete
@@ -133,8 +139,6 @@ class QLoRA(Setup):
         dropout: float = 0.05,
         target_modules: str | list[str] = "all-linear",
         exclude_modules: list[str] = ["visual"],  # noqa: B006 (jsonargparse shows the default in the schema)
-        quant_type: Literal["nf4", "fp4"] = "nf4",
-        double_quant: bool = True,
     ) -> None:
         super().__init__(dtype, gradient_checkpointing)
         if rank < 1:
@@ -146,25 +150,14 @@ class QLoRA(Setup):
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
         self.target_modules = target_modules
         self.exclude_modules = list(exclude_modules)
-        self.quant_type, self.double_quant = quant_type, double_quant
 
     def check(self, module: RLVRModule) -> None:
         world_size = module.trainer.world_size if module._trainer is not None else 1
         if world_size > 1:
             raise ValueError(
-                f"model.setup QLoRA runs on one device, but the trainer has {world_size} processes; set "
-                "trainer.devices: 1 and trainer.num_nodes: 1, or use relax_pl.setups.FSDP to train on several"
+                f"model.setup {type(self).__name__} runs on one device, but the trainer has {world_size} processes; "
+                "set trainer.devices: 1 and trainer.num_nodes: 1, or use relax_pl.setups.FSDP to train on several"
             )
-
-    def quantization_config(self):
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[self.dtype],
-        )
 
     def lora_config(self, model: nn.Module):
         """The PEFT ``LoraConfig`` for ``model``, after checking that every target matches a linear layer."""
@@ -181,6 +174,78 @@ class QLoRA(Setup):
             exclude_modules=exclusion_pattern(self.exclude_modules) if excluded else None,
             bias="none",
             task_type="CAUSAL_LM",
+        )
+
+    def build_policy(self, pretrained: str, trust_remote_code: bool = False, device: torch.device | None = None) -> nn.Module:
+        from peft import get_peft_model
+
+        base = load_causal_lm(pretrained, dtype=self.dtype, trust_remote_code=trust_remote_code)
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(base)
+            base.enable_input_require_grads()  # checkpointed blocks then see an input that carries grad
+        return get_peft_model(base, self.lora_config(base))  # freezes every base parameter
+
+    def build_reference(self, policy: nn.Module) -> None:
+        return None
+
+    def reference(self, policy: nn.Module, built: nn.Module | None) -> tuple[nn.Module, AbstractContextManager]:
+        return policy, policy.disable_adapter()
+
+    def checkpoint_state_dict(self, policy: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+        trainable = set(trainable_state_keys(policy))
+        return {k: v for k, v in state_dict.items() if k in trainable or not k.startswith("policy.")}
+
+    def check_checkpoint(self, policy: nn.Module, checkpoint: dict[str, Any]) -> None:
+        saved = {k for k in checkpoint.get("state_dict", {}) if k.startswith("policy.")}
+        expected = set(trainable_state_keys(policy))
+        if saved != expected:
+            missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+            raise ValueError(
+                f"the checkpoint does not hold this {type(self).__name__} policy's adapter: {len(missing)} adapter "
+                f"tensors missing (e.g. {missing[:3]}), {len(unexpected)} unexpected tensors (e.g. {unexpected[:3]}). "
+                "Resume with the model.setup (rank, target_modules, exclude_modules) and model.pretrained that wrote it"
+            )
+
+    def trainer_overrides(self) -> dict:
+        return {"strategy": "auto", "devices": 1}
+
+
+class QLoRA(LoRA):
+    """:class:`LoRA` on a 4-bit base (bitsandbytes NF4, double quantisation): for a model that does not fit in 16
+    bits on one device. ``python -m relax_pl export`` merges the adapter into the base reloaded in bf16 (merging into
+    4-bit weights would re-quantise them and lose most of the update).
+
+    Args:
+        dtype: compute dtype of the 4-bit layers (``bnb_4bit_compute_dtype``): bfloat16 on a GPU, float32 on the
+            CPU. Norms, embeddings and the adapter are kept in float32 for stable updates.
+        gradient_checkpointing, rank, alpha, dropout, target_modules, exclude_modules: as for :class:`LoRA`.
+        quant_type: ``"nf4"`` (QLoRA's NormalFloat) or ``"fp4"``.
+        double_quant: quantise the quantisation constants too (about 0.4 bits per weight saved).
+    """
+
+    def __init__(
+        self,
+        dtype: Dtype = "float32",
+        gradient_checkpointing: bool = False,
+        rank: int = 16,
+        alpha: int = 32,
+        dropout: float = 0.05,
+        target_modules: str | list[str] = "all-linear",
+        exclude_modules: list[str] = ["visual"],  # noqa: B006 (jsonargparse shows the default in the schema)
+        quant_type: Literal["nf4", "fp4"] = "nf4",
+        double_quant: bool = True,
+    ) -> None:
+        super().__init__(dtype, gradient_checkpointing, rank, alpha, dropout, target_modules, exclude_modules)
+        self.quant_type, self.double_quant = quant_type, double_quant
+
+    def quantization_config(self):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[self.dtype],
         )
 
     def build_policy(self, pretrained: str, trust_remote_code: bool = False, device: torch.device | None = None) -> nn.Module:
@@ -207,30 +272,6 @@ class QLoRA(Setup):
         keep_cpu_weights_trainable(base)
         return get_peft_model(base, self.lora_config(base))
 
-    def build_reference(self, policy: nn.Module) -> None:
-        return None
-
-    def reference(self, policy: nn.Module, built: nn.Module | None) -> tuple[nn.Module, AbstractContextManager]:
-        return policy, policy.disable_adapter()
-
-    def checkpoint_state_dict(self, policy: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
-        trainable = set(trainable_state_keys(policy))
-        return {k: v for k, v in state_dict.items() if k in trainable or not k.startswith("policy.")}
-
-    def check_checkpoint(self, policy: nn.Module, checkpoint: dict[str, Any]) -> None:
-        saved = {k for k in checkpoint.get("state_dict", {}) if k.startswith("policy.")}
-        expected = set(trainable_state_keys(policy))
-        if saved != expected:
-            missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-            raise ValueError(
-                f"the checkpoint does not hold this QLoRA policy's adapter: {len(missing)} adapter tensors missing "
-                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected tensors (e.g. {unexpected[:3]}). Resume with "
-                "the model.setup (rank, target_modules, exclude_modules) and model.pretrained that wrote it"
-            )
-
-    def trainer_overrides(self) -> dict:
-        return {"strategy": "auto", "devices": 1}
-
 
 class FSDP(Setup):
     """Full fine-tuning sharded over all ranks with FSDP2: each decoder block (and vision block) is one
@@ -251,6 +292,8 @@ class FSDP(Setup):
         save_distributed_checkpoint: each rank writes its own shard into a checkpoint folder; False gathers
             one file on rank 0 (slower, needs the full model in host memory).
     """
+
+    lockstep = True
 
     def __init__(
         self,
@@ -296,7 +339,7 @@ class FSDP(Setup):
         for model in (policy, reference):
             if model is None:
                 continue
-            for block in sharding_units(model):
+            for block in family_of(model).decoder_blocks(model):
                 fully_shard(block, mesh=mesh, mp_policy=precision, reshard_after_forward=self.reshard_after_forward)
             fully_shard(model, mesh=mesh, mp_policy=precision)
 
@@ -357,20 +400,6 @@ def keep_cpu_weights_trainable(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def sharding_units(model: nn.Module) -> list[nn.Module]:
-    """The modules FSDP shards one at a time: the classes the model lists in ``_no_split_modules`` (its decoder
-    layers and, for vision-language models, its vision blocks), else the decoder's ``layers``."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    units = [m for m in model.modules() if type(m).__name__ in names]
-    if units:
-        return units
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"FSDP found no decoder blocks in {type(model).__name__} (no _no_split_modules, no get_decoder().layers)")
-    return list(layers)
 
 
 def excluded_by(name: str, exclude: list[str]) -> bool:

@@ -49,7 +49,10 @@ def fault_recipe(folder: Path, model: Path, callbacks: list[dict] = (), **model_
         trainer={"max_steps": BATCHES * OPTIMIZER_STEPS_PER_BATCH, "limit_val_batches": 2, "val_check_interval": 2},
         model={
             "reward": {"class_path": "probes.LengthParityReward"},
-            "objective": {"kl_coef": 0.01, "clip_high": 0.28},
+            "objective": {
+                "kl_coef": 0.01,
+                "policy_loss": {"class_path": "relax_pl.losses.PPOClip", "init_args": {"clip_high": 0.28}},
+            },
             "update": {"micro_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 2},
             "validation": {"num_responses": 2, "temperature": 1.0, "greedy": False},
             **model_keys,

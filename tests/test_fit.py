@@ -30,7 +30,10 @@ def write_recipe(folder: Path, model: Path, max_steps: int = 2, every_n: int = 1
         trainer={"max_steps": max_steps, "limit_val_batches": 1, "val_check_interval": 2},
         model={
             "reward": {"class_path": "probes.ParityAccuracyReward"},
-            "objective": {"kl_coef": 0.01, "clip_high": 0.28},
+            "objective": {
+                "kl_coef": 0.01,
+                "policy_loss": {"class_path": "relax_pl.losses.PPOClip", "init_args": {"clip_high": 0.28}},
+            },
             "update": {"micro_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 2},
         },
         data={

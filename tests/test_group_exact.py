@@ -12,7 +12,9 @@ import transformers.models.qwen2.modeling_qwen2 as qwen2
 from relax_pl.callbacks import KoopmanFit, LatentExploration
 from relax_pl.cli import main
 from relax_pl.models import load_causal_lm
-from relax_pl.module import ObjectiveConfig, RLVRModule, UpdateConfig
+from relax_pl.config import ObjectiveConfig, UpdateConfig
+from relax_pl.losses import KLCov
+from relax_pl.module import RLVRModule
 
 
 @pytest.fixture
@@ -26,6 +28,18 @@ def float64_norms(monkeypatch):
     monkeypatch.setattr(qwen2.Qwen2RMSNorm, "forward", forward)
 
 
+LOSSES = {  # recipe arguments of each policy loss
+    "ppo": ["--model.objective.policy_loss=relax_pl.losses.PPOClip", "--model.objective.policy_loss.clip_high=0.28"],
+    "clip_cov": [
+        "--model.objective.policy_loss=relax_pl.losses.ClipCov", "--model.objective.policy_loss.clip_high=0.28",
+        "--model.objective.policy_loss.ratio=0.05", "--model.objective.policy_loss.bounds=[0.0, 100.0]",
+    ],
+    "kl_cov": ["--model.objective.policy_loss=relax_pl.losses.KLCov", "--model.objective.policy_loss.ratio=0.05"],
+    "gspo": ["--model.objective.policy_loss=relax_pl.losses.GSPO"],
+    "cispo": ["--model.objective.policy_loss=relax_pl.losses.CISPO", "--model.objective.policy_loss.clip_high=0.01"],
+}
+
+
 def one_step(folder, model, group: int, micro: int, policy_loss: str, spectrum: str):
     """Weights after one RL step (two PPO epochs over two prompts) and the step's logged metrics."""
     cli = main(
@@ -37,9 +51,7 @@ def one_step(folder, model, group: int, micro: int, policy_loss: str, spectrum: 
             "--model.setup=relax_pl.setups.SingleDevice", "--model.setup.dtype=float64",
             "--model.reward=probes.LengthParityReward",
             f"--model.sampling.num_responses={group}", "--model.sampling.max_new_tokens=14",
-            f"--model.objective.policy_loss={policy_loss}", "--model.objective.entropy_coef=0.01",
-            "--model.objective.clip_high=0.28", "--model.objective.clip_cov_ratio=0.05", "--model.objective.clip_cov_bounds=[0.0, 100.0]",
-            "--model.objective.kl_cov_ratio=0.05",
+            *LOSSES[policy_loss], "--model.objective.entropy_coef=0.01",
             "--model.update.ppo_epochs=2", f"--model.update.micro_batch_size={micro}", "--model.update.grad_clip=1e9",
             # eps far above |g|: Adam's step is then lr * g / eps, so weights follow the gradients linearly
             "--model.optimizer.lr=1.0", "--model.optimizer.eps=1.0",
@@ -59,8 +71,16 @@ def one_step(folder, model, group: int, micro: int, policy_loss: str, spectrum: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group, spectrum", [(5, "sv_compat"), (8, "eig")], ids=["group5-sv", "group8-eig"])
-@pytest.mark.parametrize("policy_loss", ["ppo", "clip_cov", "kl_cov"])
+@pytest.mark.parametrize(
+    "group, spectrum, policy_loss",
+    [
+        *((group, spectrum, policy_loss) for policy_loss in ("ppo", "clip_cov", "kl_cov")
+          for group, spectrum in ((5, "sv_compat"), (8, "eig"))),
+        (5, "sv_compat", "gspo"),  # seq-mean-token-mean: the mini-batch's response count is the normaliser
+        (5, "sv_compat", "cispo"),
+    ],
+    ids=lambda value: {5: "group5", 8: "group8"}.get(value, str(value)),
+)
 def test_update_does_not_depend_on_micro_batch_size(tmp_path, tiny_model, float64_norms, group, spectrum, policy_loss):
     start = {name: p.double() for name, p in load_causal_lm(str(tiny_model), dtype="float64").named_parameters()}
     runs = {micro: one_step(tmp_path / str(micro), tiny_model, group, micro, policy_loss, spectrum) for micro in (1, 2, group, 2 * group)}
@@ -70,7 +90,7 @@ def test_update_does_not_depend_on_micro_batch_size(tmp_path, tiny_model, float6
     assert moved.norm() > 1e-3, "the weights did not move"
     assert abs(metrics["relax/xp_loss"]) > 0 and metrics["relax/gated_kl_loss"] > 0
     assert 0 < metrics["relax/gated_frac"] < 1 and metrics["relax/grad_share"] > 0
-    if policy_loss != "ppo":
+    if policy_loss in ("clip_cov", "kl_cov"):
         assert metrics["actor/cov_selected_frac"] > 0
     for micro, (weights, _) in runs.items():
         change = torch.cat([(weights[k] - start[k]).flatten() for k in start])
@@ -86,13 +106,14 @@ def test_kl_cov_in_a_single_pass_is_refused_before_loading(tmp_path, tiny_model,
     args = [
         "fit", "--trainer.accelerator=cpu", "--trainer.max_steps=1", "--trainer.logger=false",
         f"--trainer.default_root_dir={tmp_path}", f"--model.pretrained={tiny_model}",
-        "--model.objective.policy_loss=kl_cov", "--data.train_source=builtin:arithmetic", "--data.batch_size=2",
+        "--model.objective.policy_loss=relax_pl.losses.KLCov", "--data.train_source=builtin:arithmetic",
+        "--data.batch_size=2",
     ]
     with pytest.raises(ValueError, match="ppo_epochs >= 2.*mini_batch_size"):
         main(args)
-    two_passes = RLVRModule(objective=ObjectiveConfig(policy_loss="kl_cov"), update=UpdateConfig(ppo_epochs=2))
+    two_passes = RLVRModule(objective=ObjectiveConfig(policy_loss=KLCov()), update=UpdateConfig(ppo_epochs=2))
     two_passes.check_update_plan(prompts_per_step=2)  # accepted
-    two_mini_batches = RLVRModule(objective=ObjectiveConfig(policy_loss="kl_cov"), update=UpdateConfig(mini_batch_size=8))
+    two_mini_batches = RLVRModule(objective=ObjectiveConfig(policy_loss=KLCov()), update=UpdateConfig(mini_batch_size=8))
     two_mini_batches.check_update_plan(prompts_per_step=2)  # 16 responses, 2 optimiser steps: accepted
     with pytest.raises(ValueError, match="mini_batch_size=6 is not a multiple of model.sampling.num_responses=8"):
-        main([*args, "--model.objective.policy_loss=ppo", "--model.update.mini_batch_size=6"])
+        main([*args, "--model.objective.policy_loss=relax_pl.losses.PPOClip", "--model.update.mini_batch_size=6"])

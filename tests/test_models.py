@@ -6,10 +6,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM
 
 from relax_pl import models
+from relax_pl.families import final_norm
 from relax_pl.models import (
     EMBEDDED_MODEL,
     build_tiny_model,
-    final_norm,
     load_causal_lm,
     load_tokenizer,
     resolve_model_source,

@@ -10,10 +10,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from relax_pl import module as module_lib
-from relax_pl.rollout import hf as rollout_lib
+from relax_pl import forward as forward_lib
+from relax_pl.config import UpdateConfig
+from relax_pl.forward import ResponseForward
 from relax_pl.models import load_causal_lm, load_tokenizer
-from relax_pl.module import RLVRModule, UpdateConfig
+from relax_pl.module import RLVRModule
+from relax_pl.rollout import hf as rollout_lib
 from relax_pl.rollout import SamplingConfig, generate
 from relax_pl.setups import SingleDevice, enable_gradient_checkpointing
 from relax_pl.testing import save_tiny_model
@@ -88,18 +90,18 @@ def test_shared_prefix_forward_matches_the_full_forward(tiny, monkeypatch):
     model, sampling, rollout = sampled_rollout(tiny, seed=0)
     module = RLVRModule(setup=SingleDevice(), sampling=sampling)
     rows = torch.tensor([4, 0, 5, 1, 8])  # parts of three groups, out of order
-    calls = counting(monkeypatch, module_lib)
+    calls = counting(monkeypatch, forward_lib)
 
     def forward_and_grads():
         model.zero_grad(set_to_none=True)
-        logp, entropy, mask, hidden, _ = module.policy_forward(model, rollout, rows, keep_hidden=True)
+        logp, entropy, mask, hidden, _ = module.response_forward(model, rollout, rows, keep_hidden=True)
         ((logp * mask).sum() + (entropy * mask).sum() + hidden.square().mean()).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         return logp.detach(), entropy.detach(), mask, hidden.detach(), grads
 
     shared = forward_and_grads()
     assert calls == [3]
-    monkeypatch.setattr(module, "shares_prompt_prefix", lambda *args: False)
+    monkeypatch.setattr(ResponseForward, "shares_prompt_prefix", lambda *args: False)
     full = forward_and_grads()
     assert calls == [3]
     for a, b in zip(shared[:4], full[:4]):
@@ -113,17 +115,17 @@ def test_gradient_checkpointing_shares_the_prefix_only_without_grad(tiny, monkey
     model, sampling, rollout = sampled_rollout(tiny, seed=1)
     rows = torch.arange(len(rollout))
     with torch.no_grad():
-        expected = RLVRModule(setup=SingleDevice(), sampling=sampling).policy_forward(model, rollout, rows)[0]
+        expected = RLVRModule(setup=SingleDevice(), sampling=sampling).response_forward(model, rollout, rows)[0]
     module = RLVRModule(setup=SingleDevice(gradient_checkpointing=True), sampling=sampling)
-    calls = counting(monkeypatch, module_lib)
+    calls = counting(monkeypatch, forward_lib)
     enable_gradient_checkpointing(model)
     model.train()  # HF checkpoints only in training mode
     try:
         # with grad, checkpointed layers would drop a cache: the whole sequence runs through the forward
-        with_grad = module.policy_forward(model, rollout, rows)[0]
+        with_grad = module.response_forward(model, rollout, rows)[0]
         assert calls == []
         with torch.no_grad():  # reference and old-policy log-probs: nothing is replayed, the prefix is shared
-            without_grad = module.policy_forward(model, rollout, rows)[0]
+            without_grad = module.response_forward(model, rollout, rows)[0]
         assert calls == [3]
     finally:
         model.gradient_checkpointing_disable()
@@ -157,17 +159,17 @@ def test_reference_kl_of_selected_rows_equals_the_up_front_kl(tiny, monkeypatch)
     module = RLVRModule(setup=SingleDevice(), sampling=sampling, update=UpdateConfig(micro_batch_size=2))
     module.policy, module._reference[0] = model, reference
     rows = torch.tensor([4, 0, 5, 1, 8])  # a micro-batch of rows from three groups
-    logp = module.policy_forward(model, rollout, rows)[0]
+    logp = module.response_forward(model, rollout, rows)[0]
     selected = torch.tensor([True, False, False, True, True])
     reference_rows = []
-    policy_forward = module.policy_forward
+    forward = ResponseForward.__call__
 
-    def spy(model, rollout, rows, *args, **kwargs):
+    def spy(self, model, rollout, rows, *args, **kwargs):
         if model is reference:
             reference_rows.extend(rows.tolist())
-        return policy_forward(model, rollout, rows, *args, **kwargs)
+        return forward(self, model, rollout, rows, *args, **kwargs)
 
-    monkeypatch.setattr(module, "policy_forward", spy)
+    monkeypatch.setattr(ResponseForward, "__call__", spy)
     lazy = module.reference_kl(rollout, rows, logp)(selected)
     assert sorted(reference_rows) == [1, 4, 8]  # the selected rows only
     # a second PPO epoch over the same rows runs the reference only for rows it had not selected before

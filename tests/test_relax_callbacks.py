@@ -299,24 +299,33 @@ def test_relax_fit_logs_changes_the_update_and_resume_does_not_refit(tmp_path, t
     assert weight_change(resumed["state_dict"], first["state_dict"]) > 1e-5
 
 
+def loss(name: str, **init_args) -> dict:
+    return {"policy_loss": {"class_path": f"relax_pl.losses.{name}", "init_args": init_args}}
+
+
 @pytest.mark.parametrize(
-    "objective, update, without",
+    "objective, update, without, metric",
     [
-        ({"entropy_coef": 0.05}, {}, {}),
-        ({"policy_loss": "clip_cov", "clip_cov_ratio": 0.05, "clip_cov_bounds": [0.0, 100.0]}, {}, {"policy_loss": "ppo"}),
-        ({"policy_loss": "kl_cov", "kl_cov_ratio": 0.05, "kl_cov_coef": 1.0}, {"ppo_epochs": 2},
-         {"policy_loss": "kl_cov", "kl_cov_ratio": 0.05, "kl_cov_coef": 0.0}),
+        ({"entropy_coef": 0.05}, {}, {}, None),
+        (loss("ClipCov", ratio=0.05, bounds=[0.0, 100.0]), {}, loss("PPOClip"), "actor/cov_selected_frac"),
+        (loss("KLCov", ratio=0.05, coef=1.0), {"ppo_epochs": 2}, loss("KLCov", ratio=0.05, coef=0.0),
+         "actor/cov_selected_frac"),
+        # in one on-policy pass with equal lengths GSPO's update is PPO's: the second epoch tells them apart
+        (loss("GSPO"), {"ppo_epochs": 2}, loss("PPOClip"), "actor/pg_clipfrac"),
+        (loss("CISPO", clip_high=0.01), {"ppo_epochs": 2}, loss("PPOClip", clip_high=0.01), "actor/is_weight_clipfrac"),
     ],
-    ids=["entropy_bonus", "clip_cov", "kl_cov"],
+    ids=["entropy_bonus", "clip_cov", "kl_cov", "gspo", "cispo"],
 )
-def test_token_level_baselines_act(tmp_path, tiny_model, grpo_run, objective, update, without):
+def test_token_level_baselines_act(tmp_path, tiny_model, grpo_run, objective, update, without, metric):
     """Each baseline trains and its own term changes the update: the same run with the term switched off (same
-    seed) ends with other weights."""
+    seed) ends with other weights; a policy loss logs its own statistic."""
     main(["fit", "--config", str(recipe(tmp_path / "with", tiny_model, [], update, **objective))])
     scalars, _ = tensorboard_logs(tmp_path / "with")
     assert all(math.isfinite(v) for v in scalars["actor/pg_loss"]) and min(scalars["actor/grad_norm"]) > 0
-    if "policy_loss" in objective:
-        assert min(scalars["actor/cov_selected_frac"]) > 0
+    if metric == "actor/cov_selected_frac":
+        assert min(scalars[metric]) > 0
+    elif metric is not None:
+        assert metric in scalars
     baseline = grpo_run
     if without:
         main(["fit", "--config", str(recipe(tmp_path / "without", tiny_model, [], update, **without))])

@@ -17,7 +17,9 @@ import torch
 
 from relax_pl.cli import main
 from relax_pl.correction import truncated_importance_weights
-from relax_pl.module import RLVRModule, UpdateConfig
+from relax_pl.config import UpdateConfig
+from relax_pl.extension import MiniBatch
+from relax_pl.module import RLVRModule
 from relax_pl.rollout import VLLM, HFContinuousBatching, HFGenerate, SamplingConfig
 from relax_pl.testing import save_tiny_model, save_tiny_vl_model
 
@@ -98,13 +100,14 @@ def test_corrected_policy_loss_equals_the_hand_computed_one(tiny_model):
     torch.manual_seed(0)
     rollout = HFGenerate().generate(module, [module.render_prompt(s) for s in batch], batch, module.sampling)
     rollout.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    policy_logp = module.sequence_logprobs(module.policy, rollout)
+    rollout.rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    policy_logp = module.response_forward.logprobs(module.policy, rollout)
     mask = rollout.response_mask
     # the engine's log-prob of every token: the policy's minus 1, 0 or -0.5 in turn (weights e, 1, e^-0.5)
     gap = torch.tensor([1.0, 0.0, -0.5]).repeat(mask.shape[1])[: mask.shape[1]].expand_as(mask)
     rollout.rollout_logp = (policy_logp - gap) * mask
     rows = torch.arange(len(rollout))
-    loss, stats = module.micro_batch_loss(module.mini_batch(rollout, rows), rows, selected=None)
+    loss, stats = module.micro_batch_loss(MiniBatch.cut(rollout, rows, 4, "token-mean", forward=None), rows, None)
     weights = torch.exp(gap).clamp(max=2.0)
     expected = -(rollout.advantages[:, None] * weights * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Setups end to end: QLoRA (4-bit base + LoRA) on the CPU, FSDP2 over two CPU processes, export of both."""
+"""Setups end to end: LoRA and QLoRA (an adapter on a float32 or 4-bit base) on the CPU, FSDP2 over two CPU
+processes, export of each."""
 
 from __future__ import annotations
 
@@ -97,16 +98,16 @@ def test_qlora_trains_the_adapter_only_and_the_reference_is_the_base(qlora_run, 
     rollout = module.generate(batch)
     reference, context = module.model_setup.reference(policy, module._reference[0])
     with context:
-        ref_logp = module.sequence_logprobs(reference, rollout)
-    base_logp = module.sequence_logprobs(base, rollout)
-    policy_logp = module.sequence_logprobs(policy, rollout)
+        ref_logp = module.response_forward.logprobs(reference, rollout)
+    base_logp = module.response_forward.logprobs(base, rollout)
+    policy_logp = module.response_forward.logprobs(policy, rollout)
     mask = rollout.response_mask
     torch.testing.assert_close(ref_logp[mask], base_logp[mask], rtol=0, atol=1e-5)
     assert (policy_logp[mask] - base_logp[mask]).abs().max() > 1e-3  # the adapter is on outside the context
 
     # a callback's reference during the update (LatentExploration's gated KL): the adapter is off only inside it
     rows = torch.arange(len(rollout))
-    logp = module.policy_forward(policy, rollout, rows)[0]
+    logp = module.response_forward(policy, rollout, rows)[0]
     width = logp.shape[1]
     selected = torch.arange(len(rows)) % 2 == 0
     kl = module.reference_kl(rollout, rows, logp)(selected)
@@ -192,6 +193,55 @@ def test_export_command_writes_a_bf16_merged_model(qlora_run, tiny_model, tmp_pa
         merged_error = (merged(ids).logits.float() - target).abs().mean()
         base_error = (plain(ids).logits - target).abs().mean()
     assert merged_error < base_error / 4, (float(merged_error), float(base_error))
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("lora")
+    recipe = write_recipe(folder, tiny_model, {"class_path": "relax_pl.setups.LoRA", "init_args": LORA})
+    cli = main(["fit", "--config", str(recipe)])
+    return folder, recipe, cli.model
+
+
+def test_lora_trains_an_adapter_on_the_unquantised_base_whose_reference_is_the_base(lora_run, tiny_model):
+    import bitsandbytes as bnb
+
+    folder, _, module = lora_run
+    policy = module.policy.eval()
+    assert isinstance(policy, PeftModel) and module._reference[0] is None
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in policy.modules())
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.abs().max() > 0 for n, p in policy.named_parameters() if "lora_B" in n)  # B starts at zero
+    base = load_causal_lm(str(tiny_model), dtype="float32").eval()
+    base_state = base.state_dict()
+    for name, tensor in policy.get_base_model().state_dict().items():
+        if "lora_" not in name:  # the float32 base is the checkpoint's, untouched
+            torch.testing.assert_close(tensor, base_state[name.replace(".base_layer", "")], rtol=0, atol=0, msg=name)
+    rollout = module.generate([module.trainer.datamodule.train_data[i] for i in range(2)])
+    reference, context = module.model_setup.reference(policy, module._reference[0])
+    with context:
+        ref_logp = module.response_forward.logprobs(reference, rollout)
+    base_logp = module.response_forward.logprobs(base, rollout)
+    policy_logp = module.response_forward.logprobs(policy, rollout)
+    mask = rollout.response_mask
+    torch.testing.assert_close(ref_logp[mask], base_logp[mask], rtol=0, atol=1e-6)
+    assert (policy_logp[mask] - base_logp[mask]).abs().max() > 1e-3
+
+    keys = set(load_checkpoint_file(folder / "checkpoints" / "last.ckpt")["state_dict"])
+    assert keys == {f"policy.{n}" for n in trainable}  # the adapter only
+
+
+def test_lora_export_merges_exactly(lora_run, tiny_model, tmp_path):
+    folder, recipe, _ = lora_run
+    written = export(recipe, folder / "checkpoints" / "last.ckpt", tmp_path / "export", dtype="float32")
+    assert set(written) == {"adapter", "model"} and not (written["model"] / "README.md").exists()
+    merged = AutoModelForCausalLM.from_pretrained(written["model"]).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), written["adapter"]).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_paged_adamw_8bit_steps_the_adapter(tmp_path, tiny_model):

@@ -17,11 +17,14 @@ from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.cli import main
 from relax_pl.data import DataError, PromptDataModule, build_messages, geometry
 from relax_pl.data.tasks import GEOMETRY_PROBLEMS, geometry_answer, geometry_problems
-from relax_pl.models import final_norm, load_causal_lm
-from relax_pl.module import RLVRModule, reward_fields
+from relax_pl.families import final_norm
+from relax_pl.families.qwen2_vl import ImageTextProcessor, expand_image_tokens
+from relax_pl.models import load_causal_lm
+from relax_pl.module import RLVRModule
+from relax_pl.rewards import reward_fields
 from relax_pl.rollout import SamplingConfig
 from relax_pl.testing import VL_CHAT_TEMPLATE, save_tiny_vl_model
-from relax_pl.vision import ImageTextProcessor, VisionConfig, expand_image_tokens
+from relax_pl.vision import VisionConfig
 
 from probes import moved_weights, policy_weights, tensorboard_logs, tiny_recipe
 
@@ -137,10 +140,10 @@ def test_images_reach_every_forward_and_hidden_states_cover_responses_only(vl_ru
     assert rollout.model_input_counts["image_grid_thw"] == [1, 1, 0]
     assert rollout.model_input_counts["pixel_values"] == [64, 64, 0]
     assert rollout.model_inputs["pixel_values"].shape[0] == 128
-    assert (rollout.mm_token_type_ids.sum(-1) == torch.tensor([16] * 4 + [16] * 4 + [0] * 4)).all()
+    assert (rollout.token_inputs["mm_token_type_ids"].sum(-1) == torch.tensor([16] * 4 + [16] * 4 + [0] * 4)).all()
 
     module.update.micro_batch_size = 12  # one micro-batch: rows with and without images together
-    logp = module.sequence_logprobs(module.policy, rollout)
+    logp = module.response_forward.logprobs(module.policy, rollout)
     pairs = module.response_hidden_states(rollout)
     hidden = torch.cat([h for h, _ in pairs])
     mask = rollout.response_mask
@@ -154,11 +157,11 @@ def test_images_reach_every_forward_and_hidden_states_cover_responses_only(vl_ru
     module.update.micro_batch_size = 3  # micro-batches across prompts
     subset = rollout.select(torch.tensor([9, 7, 6, 5, 4, 0]))
     torch.testing.assert_close(
-        module.sequence_logprobs(module.policy, subset)[:, : logp.shape[1]], logp[[9, 7, 6, 5, 4, 0]], rtol=0, atol=2e-5
+        module.response_forward.logprobs(module.policy, subset)[:, : logp.shape[1]], logp[[9, 7, 6, 5, 4, 0]], rtol=0, atol=2e-5
     )
     # and the images matter: other pixels, other log-probs
     rollout.model_inputs["pixel_values"] = torch.zeros_like(rollout.model_inputs["pixel_values"])
-    assert (module.sequence_logprobs(module.policy, rollout)[:4] - logp[:4]).abs().max() > 1e-4
+    assert (module.response_forward.logprobs(module.policy, rollout)[:4] - logp[:4]).abs().max() > 1e-4
     module.policy.train()
     module.update.micro_batch_size = 4
 

@@ -88,7 +88,7 @@ def test_engine_logprobs_of_sampled_tokens_match_the_policy(smollm):
     rollout = module.generate(BATCH)
     mask = rollout.response_mask
     assert mask.sum(-1).min() > 1 and len({tuple(r) for r in rollout.responses.tolist()}) > len(BATCH)  # sampled
-    policy = module.sequence_logprobs(module.policy, rollout)  # after temperature 0.7, as the engine's
+    policy = module.response_forward.logprobs(module.policy, rollout)  # after temperature 0.7, as the engine's
     gap = (policy - rollout.rollout_logp).abs()[mask]
     assert float(gap.max()) < LOGP_TOLERANCE, f"max {float(gap.max()):.2e}, mean {float(gap.mean()):.2e}"
     # the seeds come from the torch generator that checkpoints keep: the same state draws the same responses

@@ -1,9 +1,11 @@
-"""Verifiable rewards: the :class:`VerifiableReward` interface, the math graders, and time-bounded scoring."""
+"""Verifiable rewards: the :class:`VerifiableReward` interface, the math graders, time-bounded scoring, and several
+rewards weighted in one run (:class:`RewardScorer`)."""
 
 from relax_pl.rewards.base import TIMED_OUT, VerifiableReward
 from relax_pl.rewards.bounded import BoundedScorer, ScoredBatch, default_workers
 from relax_pl.rewards.direct import DIRECT_CALL_OVERHEAD_S, RewardTimeoutWarning
 from relax_pl.rewards.math import Geo3kReward, MathReward, answers_match, clean_answer, last_boxed
+from relax_pl.rewards.weighted import RewardScorer, named_rewards, reward_fields
 
 __all__ = [
     "DIRECT_CALL_OVERHEAD_S",
@@ -11,6 +13,7 @@ __all__ = [
     "BoundedScorer",
     "Geo3kReward",
     "MathReward",
+    "RewardScorer",
     "RewardTimeoutWarning",
     "ScoredBatch",
     "VerifiableReward",
@@ -18,4 +21,6 @@ __all__ = [
     "clean_answer",
     "default_workers",
     "last_boxed",
+    "named_rewards",
+    "reward_fields",
 ]

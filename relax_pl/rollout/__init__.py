@@ -8,7 +8,10 @@ hooks. One engine per file:
 * :class:`VLLM` (``vllm.py``): a vLLM engine colocated in each training process, synced after every update.
 
 ``base.py`` holds what they share (the :class:`RolloutBatch` layout, prompt encoding); ``weights.py`` streams the
-policy's weights to an engine that keeps its own. A new engine is a new file here and one import line below.
+policy's weights to an engine that keeps its own. A new engine is one file: any importable module, named in the
+recipe by its ``class_path`` (README, "Writing an engine"); an import line below only gives a built-in one the short
+``relax_pl.rollout.<Name>`` path. An engine reads how the ranks behave from the setup (``module.model_setup.lockstep``),
+not from the device mesh.
 """
 
 from relax_pl.rollout.base import (

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from relax_pl.families import ModelFamily
 from relax_pl.vision import gather_by_prompt, split_by_prompt
 
 if TYPE_CHECKING:
@@ -62,7 +63,8 @@ class RolloutBatch:
     model_inputs: dict[str, Tensor] = field(default_factory=dict)
     model_input_counts: dict[str, list[int]] = field(default_factory=dict)
     prompt_index: Tensor | None = None  # (N,) the prompt of model_inputs each row's response answers
-    mm_token_type_ids: Tensor | None = None  # (N, P + T) Qwen-VL's modality of each position (1: image token)
+    # (N, P + T) each: the family's token-aligned forward inputs (Qwen-VL: mm_token_type_ids, 1 on image tokens)
+    token_inputs: dict[str, Tensor] = field(default_factory=dict)
     # (N, T) the sampling engine's own log-probs of the sampled tokens (after temperature), zero on padding;
     # None when the policy sampled them itself. Their gap to the policy's is what importance sampling corrects.
     rollout_logp: Tensor | None = None
@@ -98,7 +100,7 @@ class RolloutBatch:
             completions=[self.completions[i] for i in idx],
             samples=[self.samples[i] for i in idx],
             prompt_index=pick(self.prompt_index),
-            mm_token_type_ids=pick(self.mm_token_type_ids),
+            token_inputs={k: v[rows.to(v.device)] for k, v in self.token_inputs.items()},
             rollout_logp=pick(self.rollout_logp),
             rewards=pick(self.rewards),
             reward_components={k: v[rows.to(v.device)] for k, v in self.reward_components.items()},
@@ -110,13 +112,13 @@ class RolloutBatch:
 
     def forward_inputs(self, rows: Tensor, width: int) -> dict[str, Tensor]:
         """The extra forward inputs of ``rows`` for a forward over their first ``width`` positions: each row's
-        prompt's images (repeated for rows of the same prompt) and modality ids."""
+        prompt's images (repeated for rows of the same prompt) and token-aligned inputs (modality ids)."""
         extra = {}
         if self.model_inputs:
             prompts = self.prompt_index[rows.to(self.prompt_index.device)].tolist()
             extra = gather_by_prompt(self.model_inputs, self.model_input_counts, prompts)
-        if self.mm_token_type_ids is not None:
-            extra["mm_token_type_ids"] = self.mm_token_type_ids[rows.to(self.mm_token_type_ids.device), :width]
+        for key, value in self.token_inputs.items():
+            extra[key] = value[rows.to(value.device), :width]
         return extra
 
 
@@ -157,34 +159,36 @@ class RolloutEngine:
 @dataclass
 class EncodedPrompts:
     """A batch of prompts encoded as the policy reads them: left-padded ids, and for vision-language models the
-    image tensors kept once per prompt (``vision.split_by_prompt``)."""
+    image tensors kept once per prompt (``vision.split_by_prompt``) and the family's token-aligned inputs."""
 
     input_ids: Tensor  # (B, P)
     attention_mask: Tensor  # (B, P)
-    mm_token_type_ids: Tensor | None  # (B, P) or None for text models
+    token_inputs: dict[str, Tensor]  # (B, P) each; none for text models
     model_inputs: dict[str, Tensor]
     counts: dict[str, list[int]]
 
 
 def encode_prompts(
     tokenizer, processor, prompts: list[str], samples: list[dict[str, Any]], max_prompt_tokens: int,
-    device: torch.device,
+    device: torch.device, family: ModelFamily | None = None,
 ) -> EncodedPrompts:
-    """Encode rendered prompts with the tokenizer, or with the processor together with each sample's
-    ``"images"`` (in order) for vision-language models; raise for a prompt over ``max_prompt_tokens``."""
+    """Encode rendered prompts with the tokenizer, or for vision-language models with the processor together with
+    each sample's ``"images"`` (in order), split by prompt as the model's ``family`` says; raise for a prompt over
+    ``max_prompt_tokens``."""
     if processor is None:
         encoded = dict(tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False))
+        model_inputs, counts, token_inputs = {}, {}, {}
     else:
         images = [image for sample in samples for image in sample.get("images") or []]
         encoded = dict(processor(text=prompts, images=images or None, return_tensors="pt", padding=True))
-    check_prompt_lengths(encoded, samples, max_prompt_tokens)
-    images_per_prompt = [len(sample.get("images") or []) for sample in samples]
-    model_inputs, counts = split_by_prompt(encoded, images_per_prompt) if processor is not None else ({}, {})
-    types = encoded.get("mm_token_type_ids")
+        images_per_prompt = [len(sample.get("images") or []) for sample in samples]
+        model_inputs, counts = split_by_prompt(encoded, images_per_prompt, family)
+        token_inputs = {k: encoded[k] for k in family.token_inputs if k in encoded}
+    check_prompt_lengths(encoded, samples, max_prompt_tokens, family)
     return EncodedPrompts(
         input_ids=encoded["input_ids"].to(device),
         attention_mask=encoded["attention_mask"].to(device),
-        mm_token_type_ids=None if types is None else types.to(device),
+        token_inputs={k: v.to(device) for k, v in token_inputs.items()},
         model_inputs={k: v.to(device) for k, v in model_inputs.items()},
         counts=counts,
     )
@@ -206,11 +210,10 @@ def build_rollout(
     prompt_index = torch.arange(len(samples), device=device).repeat_interleave(group_size)
     responses = responses.to(device).masked_fill(~response_mask.to(device), tokenizer.pad_token_id)
     response_mask = response_mask.to(device)
-    prompt_types = encoded.mm_token_type_ids
-    if prompt_types is not None:  # response tokens are text
-        prompt_types = torch.cat(
-            [prompt_types[prompt_index], torch.zeros_like(responses, dtype=prompt_types.dtype)], dim=1
-        )
+    token_inputs = {  # response tokens are text: 0
+        k: torch.cat([v[prompt_index], torch.zeros_like(responses, dtype=v.dtype)], dim=1)
+        for k, v in encoded.token_inputs.items()
+    }
     return RolloutBatch(
         input_ids=torch.cat([encoded.input_ids[prompt_index], responses], dim=1),
         attention_mask=torch.cat([encoded.attention_mask[prompt_index], response_mask.long()], dim=1),
@@ -222,7 +225,7 @@ def build_rollout(
         model_inputs=encoded.model_inputs,
         model_input_counts=encoded.counts,
         prompt_index=prompt_index,
-        mm_token_type_ids=prompt_types,
+        token_inputs=token_inputs,
         rollout_logp=None if rollout_logp is None else rollout_logp.to(device) * response_mask,
     )
 
@@ -247,12 +250,13 @@ def response_mask_from_tokens(responses: Tensor, eos_token_id: int | list[int]) 
     return ~after_eos
 
 
-def check_prompt_lengths(encoded: dict[str, Tensor], samples: list[dict[str, Any]], max_prompt_tokens: int) -> None:
+def check_prompt_lengths(
+    encoded: dict[str, Tensor], samples: list[dict[str, Any]], max_prompt_tokens: int, family: ModelFamily | None
+) -> None:
     """Raise, naming the row, when an encoded prompt (image tokens included) is longer than ``max_prompt_tokens``:
     cutting it would leave image tokens without their image features, or a question without its end."""
     lengths = encoded["attention_mask"].sum(-1).tolist()
-    types = encoded.get("mm_token_type_ids")
-    image_tokens = (types != 0).sum(-1).tolist() if types is not None else [0] * len(lengths)
+    image_tokens = family.count_image_tokens(encoded) if family is not None else [0] * len(lengths)
     for sample, length, images in zip(samples, lengths, image_tokens):
         if length > max_prompt_tokens:
             of_which = f" ({images} of them image tokens)" if images else ""

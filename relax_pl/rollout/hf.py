@@ -1,7 +1,8 @@
 """Hugging Face ``generate`` on the policy itself: the default engine, with no dependency beyond transformers.
 
-One ``generate`` call per step samples ``num_responses`` responses for every prompt. Ranks that shard the
-model (FSDP) must run the same number of decoding steps, so they generate with ``synced_gpus`` in lockstep.
+One ``generate`` call per step samples ``num_responses`` responses for every prompt. Under a setup that declares
+``lockstep`` (FSDP: every rank holds a shard) the ranks must run the same number of decoding steps, so they generate
+with ``synced_gpus``.
 
 The responses of a prompt share its prefix: :func:`shared_prefix_cache` encodes each prompt once and repeats its
 key/value cache for every response, both before decoding and in the training forward.
@@ -25,6 +26,7 @@ from relax_pl.rollout.base import (
     response_mask_from_tokens,
     stop_token_ids,
 )
+from relax_pl.families import family_of
 from relax_pl.vision import gather_by_prompt, vision_token_ids
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ class HFGenerate(RolloutEngine):
         self, module: RLVRModule, prompts: list[str], samples: list[dict[str, Any]], sampling: SamplingConfig,
         greedy: bool = False,
     ) -> RolloutBatch:
-        synced = module.trainer.world_size > 1 if module._trainer is not None else False
+        synced = module.model_setup.lockstep  # sharded ranks run the same decoding steps
         with module.model_setup.generation(module.policy):
             return generate(
                 module.policy, module.tokenizer, prompts, samples, sampling, greedy=greedy, synced=synced,
@@ -128,12 +130,13 @@ def generate(
     """
     group_size = sampling.num_responses if num_responses is None else num_responses
     device = next(model.parameters()).device
-    encoded = encode_prompts(tokenizer, processor, prompts, samples, sampling.max_prompt_tokens, device)
+    encoded = encode_prompts(
+        tokenizer, processor, prompts, samples, sampling.max_prompt_tokens, device, family=family_of(model)
+    )
     prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
     input_ids, attention_mask = encoded.input_ids[prompt_index], encoded.attention_mask[prompt_index]
     extra = gather_by_prompt(encoded.model_inputs, encoded.counts, prompt_index.tolist())
-    if encoded.mm_token_type_ids is not None:
-        extra["mm_token_type_ids"] = encoded.mm_token_type_ids[prompt_index]
+    extra.update({k: v[prompt_index] for k, v in encoded.token_inputs.items()})
     config = generation_config(
         sampling, stop_token_ids(model, tokenizer), tokenizer.pad_token_id, greedy=greedy,
         suppress_ids=vision_token_ids(model), cache=cache,

@@ -53,7 +53,7 @@ class HFContinuousBatching(RolloutEngine):
                 f"model.rollout HFContinuousBatching takes no images, and model.pretrained={module.pretrained!r} is a "
                 "vision-language model; use relax_pl.rollout.HFGenerate or relax_pl.rollout.VLLM"
             )
-        if module._trainer is not None and module.trainer.world_size > 1:
+        if module.model_setup.lockstep:
             raise ValueError(
                 "model.rollout HFContinuousBatching schedules each process's forwards on its own, but sharded ranks "
                 "must run theirs in lockstep; use relax_pl.rollout.HFGenerate or relax_pl.rollout.VLLM with FSDP"

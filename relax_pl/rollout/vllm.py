@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 import numpy as np
 import torch
 
+from relax_pl.families import family_of
 from relax_pl.models import resolve_model_source
 from relax_pl.rollout.base import (
     EncodedPrompts,
@@ -212,7 +213,8 @@ class VLLM(RolloutEngine):
 
         self.sync(module)
         encoded = encode_prompts(
-            module.tokenizer, module.processor, prompts, samples, sampling.max_prompt_tokens, module.device
+            module.tokenizer, module.processor, prompts, samples, sampling.max_prompt_tokens, module.device,
+            family=family_of(module.policy),
         )
         requests = self.requests(module, encoded, prompts, samples)
         group = sampling.num_responses

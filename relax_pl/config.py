@@ -1,0 +1,110 @@
+"""The recipe's ``model.objective``, ``model.update``, ``model.optimizer`` and ``model.validation`` sections: typed
+dataclasses that jsonargparse checks key by key before anything is loaded (``model.sampling`` is
+:class:`relax_pl.rollout.SamplingConfig`, ``model.vision`` :class:`relax_pl.vision.VisionConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+from relax_pl import objectives as obj
+from relax_pl.losses import PolicyLoss, PPOClip
+from relax_pl.rollout import SamplingConfig
+
+# Keys of model.objective before the policy losses became plug-ins, and where each went (the CLI names it when an
+# older recipe uses one).
+MOVED_OBJECTIVE_KEYS = {
+    "clip_low": "model.objective.policy_loss.init_args.clip_low (policy_loss: relax_pl.losses.PPOClip)",
+    "clip_high": "model.objective.policy_loss.init_args.clip_high (policy_loss: relax_pl.losses.PPOClip)",
+    "clip_cov_ratio": "model.objective.policy_loss.init_args.ratio (policy_loss: relax_pl.losses.ClipCov)",
+    "clip_cov_bounds": "model.objective.policy_loss.init_args.bounds (policy_loss: relax_pl.losses.ClipCov)",
+    "kl_cov_ratio": "model.objective.policy_loss.init_args.ratio (policy_loss: relax_pl.losses.KLCov)",
+    "kl_cov_coef": "model.objective.policy_loss.init_args.coef (policy_loss: relax_pl.losses.KLCov)",
+}
+RENAMED_POLICY_LOSSES = {
+    "ppo": "relax_pl.losses.PPOClip", "clip_cov": "relax_pl.losses.ClipCov", "kl_cov": "relax_pl.losses.KLCov"
+}
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the update minimises (recipe key ``model.objective``; docs/method.md sections 1 and 6): the policy loss, a
+    plug-in with its own settings (``class_path`` and ``init_args``, :mod:`relax_pl.losses`), plus GRPO's KL and
+    entropy terms, reduced by ``loss_agg``."""
+
+    policy_loss: PolicyLoss = field(default_factory=PPOClip)
+    kl_coef: float = 0.0  # 0 skips the reference forward entirely
+    kl_estimator: obj.KLEstimator = "k3"
+    loss_agg: obj.LossAggregation | None = None  # None: the policy loss's own (GSPO's), else token-mean
+    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * entropy
+    scale_advantages: bool = True  # divide by the group std (False: Dr. GRPO)
+
+    def __post_init__(self) -> None:
+        own = self.policy_loss.aggregation
+        if own is not None and self.loss_agg not in (None, own):
+            raise ValueError(
+                f"model.objective.loss_agg={self.loss_agg} conflicts with model.objective.policy_loss "
+                f"{type(self.policy_loss).__name__}, which is reduced {own}; remove model.objective.loss_agg"
+            )
+
+    @property
+    def aggregation(self) -> obj.LossAggregation:
+        """How every per-token term is reduced: ``loss_agg``, else the policy loss's own, else token-mean."""
+        return self.loss_agg or self.policy_loss.aggregation or "token-mean"
+
+
+@dataclass
+class UpdateConfig:
+    """How the policy is updated on one step's rollout (recipe key ``model.update``)."""
+
+    ppo_epochs: int = 1
+    mini_batch_size: int | None = None  # responses per optimiser step; None: the whole rollout
+    micro_batch_size: int = 8  # responses per forward/backward (gradient accumulation inside a mini-batch)
+    grad_clip: float = 1.0
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO) and log how many
+    logprob_chunk_size: int = 1024  # positions per vocabulary-projection chunk
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (recipe key ``model.optimizer``). The 8-bit variants come from bitsandbytes."""
+
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+    def build(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        kwargs = dict(lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, eps=self.eps)
+        if self.name == "adamw":
+            return torch.optim.AdamW(params, **kwargs)
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.PagedAdamW8bit if self.name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return optimizer_class(params, **kwargs)
+
+
+@dataclass
+class ValidationConfig:
+    """Validation sampling (recipe key ``model.validation``): ``num_responses`` (k) per prompt, greedy when
+    temperature is 0. Logs ``val/accuracy`` (mean over all responses: mean@k), ``val/accuracy/mean@k``,
+    ``val/accuracy/pass@k`` (a prompt passes when one of its k responses is right), ``val/accuracy/greedy`` and
+    ``val/accuracy/source/<name>`` per data source (the row's ``data_source`` column, else its source)."""
+
+    num_responses: int = 1
+    temperature: float = 0.0
+    max_new_tokens: int | None = None  # None: sampling.max_new_tokens
+    greedy: bool = True  # with temperature > 0, also decode one greedy response per prompt (val/accuracy/greedy)
+
+    def sampling(self, training: SamplingConfig) -> SamplingConfig:
+        """The training sampling with this section's responses, length and temperature."""
+        return replace(
+            training,
+            num_responses=self.num_responses,
+            max_new_tokens=self.max_new_tokens or training.max_new_tokens,
+            temperature=self.temperature,
+        )
