@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.module import RLVRModule
 from relax_pl.rollout import VLLM, HFGenerate, SamplingConfig
 from relax_pl.setups import QLoRA
@@ -172,10 +173,10 @@ def test_cli_fit_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, tiny_
     process.wait()
     fit(killed, "--ckpt_path", "last")
 
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=False)
+    a = load_checkpoint_file(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = load_checkpoint_file(tmp_path / "killed" / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 3
-    initial = torch.load(tmp_path / "straight" / "checkpoints" / "epoch=0-step=1.ckpt", weights_only=False)
+    initial = load_checkpoint_file(tmp_path / "straight" / "checkpoints" / "epoch=0-step=1.ckpt")
     assert not torch.equal(initial["state_dict"]["policy.lm_head.weight"], a["state_dict"]["policy.lm_head.weight"])
     for name, tensor in a["state_dict"].items():
         torch.testing.assert_close(tensor, b["state_dict"][name], rtol=0, atol=0, msg=name)
@@ -199,7 +200,7 @@ def test_qlora_recipe_with_vllm_runs(tmp_path, tiny_llama):
     # no adapter dropout: with it the update forward's log-probs (those the gap is measured against) carry the noise
     qlora = {"class_path": "relax_pl.setups.QLoRA", "init_args": {"dtype": "float32", "rank": 8, "dropout": 0.0}}
     fit(vllm_recipe(tmp_path, tiny_llama, max_steps=3, setup=qlora))
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 3
     assert all("lora_" in name for name in checkpoint["state_dict"])
     gaps = tensorboard_logs(tmp_path)[0]["rollout/logp_abs_diff"]
