@@ -21,28 +21,9 @@ from pathlib import Path
 import torch
 
 from relax_pl.cli import main
-from vs_trl import Worker, alternate, recipe_args, run_relax, summary
+from vs_trl import Worker, alternate, recipe_args, run_relax, summary, table
 
 SIDES = {"full": "full fine-tuning", "lora": "LoRA"}
-
-
-def table(results: dict[str, dict[str, float]], responses: int) -> str:
-    columns = [
-        ("median step (s)", "step_s", "{:.3g}"),
-        ("first step (s)", "first_s", "{:.3g}"),
-        ("gen tokens/s", "gen_tok_s", "{:.0f}"),
-        ("update (s)", "update_s", "{:.3g}"),
-        ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
-        ("mean length", "length", "{:.1f}"),
-        ("mean reward", "reward", "{:.3f}"),
-    ]
-    lines = ["| setup | " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    for name, r in results.items():
-        r = dict(r, length=r["length"] / responses)
-        lines.append(f"| {SIDES[name]} | " + " | ".join(fmt.format(r[key]) for _, key, fmt in columns) + " |")
-    a, b = results["lora"], results["full"]
-    ratios = [f"{a[key] / b[key]:.2f}x" if key not in ("length", "reward") else "" for _, key, _ in columns]
-    return "\n".join([*lines, "| LoRA / full | " + " | ".join(ratios) + " |"])
 
 
 def parse_args() -> argparse.Namespace:
@@ -83,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
         results = {w.name: summary(w.steps) for w in workers}
     print(f"\nLoRA ({args.lora}) vs full fine-tuning ({args.full}){', --fast' if args.fast else ''}; "
           f"{args.threads} threads; {args.steps} optimiser steps each (first shown apart)\n")
-    print(table(results, responses))
+    print(table(results, responses, SIDES, ratio=("lora", "full"), first_column="setup"))
 
 
 if __name__ == "__main__":

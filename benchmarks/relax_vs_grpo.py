@@ -119,6 +119,23 @@ def last_mean(steps: list[dict], key: str) -> float:
     return mean([s.get(key) for s in steps[-LAST:]])
 
 
+def length_adjusted_ratio(method_runs: dict, grpo_runs: dict) -> float:
+    """exp(b) of the least-squares fit ``log DSD = a + c log length + b [method]`` over every step of both methods.
+
+    In the authors' units a response's DSD depends on its length (it is padded to ``max_new_tokens``, and the
+    shorter it is, the more of K the padding decides), and both methods' answers shrink as they learn; this ratio
+    compares the methods at equal mean length."""
+    import numpy as np
+
+    rows = [(1.0 if runs is method_runs else 0.0, math.log(s["length"]), math.log(s["dsd"]))
+            for runs in (method_runs, grpo_runs) for steps, _ in runs.values() for s in steps
+            if s.get("dsd", 0) > 0 and s.get("length", 0) > 0]
+    indicator, log_length, log_dsd = (np.array(column) for column in zip(*rows))
+    design = np.stack([np.ones_like(log_length), log_length, indicator], axis=1)
+    coef, *_ = np.linalg.lstsq(design, log_dsd, rcond=None)
+    return float(np.exp(coef[2]))
+
+
 def table(runs: dict[str, dict[int, tuple[list[dict], list[dict]]]]) -> str:
     keys = ["dsd", "entropy", "reward", "accuracy", "length", "gated_frac", "grad_share"]
     header = ["method", "seed", "steps"] + [f"{k} (last {LAST})" for k in keys] + ["val mean@k", "val pass@k"]
@@ -143,6 +160,9 @@ def table(runs: dict[str, dict[int, tuple[list[dict], list[dict]]]]) -> str:
             relax = summary[method]
             lines.append(f"\n{method} / GRPO over the last {LAST} steps: DSD {relax['dsd'] / grpo['dsd']:.2f}x, entropy "
                          f"{relax['entropy'] / grpo['entropy']:.2f}x, reward {relax['reward'] - grpo['reward']:+.3f}")
+        for method in [m for m in summary if m != "GRPO"]:
+            ratio = length_adjusted_ratio(runs[method], runs["GRPO"])
+            lines.append(f"{method} / GRPO at equal response length (all steps): DSD {ratio:.2f}x")
         grpo_rewards = [last_mean(steps, "reward") for steps, _ in runs["GRPO"].values()]
         lines.append(f"GRPO's seed-to-seed range of reward: {min(grpo_rewards):.3f} to {max(grpo_rewards):.3f}")
     return "\n".join(lines)

@@ -342,7 +342,14 @@ def summary(steps: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def table(results: dict[str, dict[str, float]], responses: int) -> str:
+def table(
+    results: dict[str, dict[str, float]],
+    responses: int,
+    names: dict[str, str] = FRAMEWORKS,
+    ratio: tuple[str, str] = ("relax_pl", "trl"),
+    first_column: str = "framework",
+) -> str:
+    """The markdown table of ``summary`` rows, named by ``names``, with a row of ``ratio[0] / ratio[1]``."""
     columns = [
         ("median step (s)", "step_s", "{:.3g}"),
         ("first step (s)", "first_s", "{:.3g}"),
@@ -352,15 +359,16 @@ def table(results: dict[str, dict[str, float]], responses: int) -> str:
         ("mean length", "length", "{:.1f}"),
         ("mean reward", "reward", "{:.3f}"),
     ]
-    header = "| framework | " + " | ".join(c[0] for c in columns) + " |"
+    header = f"| {first_column} | " + " | ".join(c[0] for c in columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1)]
     for name, r in results.items():
         r = dict(r, length=r["length"] / responses)
-        lines.append(f"| {FRAMEWORKS[name]} | " + " | ".join(fmt.format(r[key]) for _, key, fmt in columns) + " |")
-    if "relax_pl" in results and "trl" in results:
-        a, b = results["relax_pl"], results["trl"]
+        lines.append(f"| {names[name]} | " + " | ".join(fmt.format(r[key]) for _, key, fmt in columns) + " |")
+    top, bottom = ratio
+    if top in results and bottom in results:
+        a, b = results[top], results[bottom]
         ratios = [f"{a[key] / b[key]:.2f}x" if key not in ("length", "reward") else "" for _, key, _ in columns]
-        lines.append("| relax_pl / TRL | " + " | ".join(ratios) + " |")
+        lines.append(f"| {names[top]} / {names[bottom]} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 
 

@@ -253,7 +253,11 @@ class BoundedScorer:
                     continue
                 if not worker.ready:
                     self.close_workers()
-                    raise RuntimeError(f"the reward worker did not start within {_STARTUP_TIMEOUT_S:.0f} s")
+                    raise RuntimeError(
+                        f"the reward worker did not start within {_STARTUP_TIMEOUT_S:.0f} s. It is a spawned process "
+                        "that imports your entry script: a script that starts training at import (no "
+                        "`if __name__ == '__main__':` guard) never lets it start"
+                    )
                 if worker.task is not None:
                     outcomes[worker.task] = ("timeout", None)
                     self._replace(slot)
