@@ -1,6 +1,6 @@
 """ReLaX against GRPO on the embedded model: the paper's Figure 3 at small scale.
 
-    python benchmarks/relax_vs_grpo.py                       # 2 seeds x {ReLaX, GRPO} x 30 RL steps, ~1.5 h on 2 cores
+    python benchmarks/relax_vs_grpo.py                       # 2 seeds x {ReLaX, GRPO} x 30 RL steps, 1.5-2 h on 2 cores
     python benchmarks/relax_vs_grpo.py --steps 2 --seeds 1 --out /tmp/rvg --tiny    # smoke run, a tiny random model
 
 Runs ``--recipe`` (default recipes/relax_small.yaml: SmolLM2-135M-Instruct on built-in word problems answered
