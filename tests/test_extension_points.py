@@ -148,3 +148,16 @@ def read_gpt2(model: GPT2LMHeadModel) -> None:
     torch.testing.assert_close(out.logp, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.hidden, full.hidden_states[-1][:, 5:], rtol=1e-4, atol=1e-5)
     assert math.isfinite(float(out.entropy.sum()))
+
+
+def test_every_package_of_the_framework_is_installed_by_a_wheel():
+    """pyproject lists its packages by hand (``callbacks/`` installs as ``relax_pl.callbacks``); a folder left off
+    the list imports from a checkout but is missing from ``pip install .``."""
+    import tomllib
+
+    root = README.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "relax_pl").rglob("__init__.py")}
+    on_disk |= {"relax_pl." + ".".join(p.parent.relative_to(root).parts)
+                for p in (root / "callbacks").rglob("__init__.py")}
+    assert on_disk - listed == set(), f"add these to [tool.setuptools] packages in pyproject.toml: {on_disk - listed}"
