@@ -27,6 +27,7 @@ from relax_pl.rollout.base import (
     stop_token_ids,
 )
 from relax_pl.families import family_of
+from relax_pl.rollout.sampling import sampling_processors
 from relax_pl.vision import gather_by_prompt, vision_token_ids
 
 if TYPE_CHECKING:
@@ -150,8 +151,10 @@ def generate(
             extra[CACHE_ARG] = shared_prefix_cache(
                 model, encoded.input_ids[:, :-1], encoded.attention_mask[:, :-1], prompt_index
             )
+        decoding, sampler = sampling_processors(config)
         sequences = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced, **extra
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=decoding, logits_processor=sampler,
+            synced_gpus=synced, **extra,
         )
     finally:
         model.train(was_training)
