@@ -8,7 +8,8 @@ hooks. One engine per file:
 * :class:`VLLM` (``vllm.py``): a vLLM engine colocated in each training process, synced after every update.
 
 ``base.py`` holds what they share (the :class:`RolloutBatch` layout, prompt encoding); ``weights.py`` streams the
-policy's weights to an engine that keeps its own. A new engine is one file: any importable module, named in the
+policy's weights to an engine that keeps its own; ``sampling.py`` is :class:`HFGenerate`'s draw (the row's CDF
+inverted, in place of ``torch.multinomial``). A new engine is one file: any importable module, named in the
 recipe by its ``class_path`` (README, "Writing an engine"); an import line below only gives a built-in one the short
 ``relax_pl.rollout.<Name>`` path. An engine reads how the ranks behave from the setup (``module.model_setup.lockstep``),
 not from the device mesh.
