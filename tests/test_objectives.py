@@ -81,6 +81,19 @@ def test_token_logprobs_and_entropy_match_full_softmax_and_gradients():
     expected_entropy = -(full.exp() * full).sum(-1)
     torch.testing.assert_close(logp, expected_logp)
     torch.testing.assert_close(entropy, expected_entropy)
-    (grad_chunked,) = torch.autograd.grad(logp.sum(), hidden)
-    (grad_full,) = torch.autograd.grad(expected_logp.sum(), hidden)
+    weights = torch.randn(2, 3, 5)  # both outputs in the loss, as with an entropy bonus
+    (grad_chunked,) = torch.autograd.grad((weights[0] * logp + weights[1] * entropy).sum(), hidden)
+    (grad_full,) = torch.autograd.grad((weights[0] * expected_logp + weights[1] * expected_entropy).sum(), hidden)
     torch.testing.assert_close(grad_chunked, grad_full)
+
+
+def test_the_written_out_logprob_entropy_backward_is_the_derivative():
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 9, dtype=torch.float64) * 3).requires_grad_()
+    tokens = torch.randint(0, 9, (6,))
+    assert torch.autograd.gradcheck(lambda z: obj.LogprobEntropy.apply(z, tokens), (logits,))
+    # only one of the two outputs used: the other's gradient arrives as zeros
+    (grad,) = torch.autograd.grad(obj.LogprobEntropy.apply(logits, tokens)[1].sum(), logits)
+    log_p = torch.log_softmax(logits, -1)
+    (expected,) = torch.autograd.grad(-(log_p.exp() * log_p).sum(), logits)
+    torch.testing.assert_close(grad, expected)

@@ -107,8 +107,9 @@ def test_shared_prefix_forward_matches_the_full_forward(tiny, monkeypatch):
     for a, b in zip(shared[:4], full[:4]):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    for name, grad in full[4].items():
-        torch.testing.assert_close(shared[4][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in full[4].items():  # float32 rounding: up to ~5e-6 on entries near zero of a gradient of ~20
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(shared[4][name], grad, rtol=1e-4, atol=1e-6 * max(scale, 1.0), msg=name)
 
 
 def test_gradient_checkpointing_shares_the_prefix_only_without_grad(tiny, monkeypatch):
