@@ -54,7 +54,9 @@ if __name__ == "__main__":
     cli.datamodule.setup("fit")
     batch = next(iter(cli.datamodule.train_dataloader()))
     torch.manual_seed(0)
-    rollout = generate(module.policy, module.tokenizer, [module.render_prompt(s) for s in batch], batch, module.sampling)
+    rollout = generate(
+        module.policy, module.tokenizer, [module.render_prompt(s) for s in batch], batch, module.sampling
+    )
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for round_ in range(args.rounds):
         for name in list(VARIANTS)[:: 1 if round_ % 2 == 0 else -1]:
