@@ -229,7 +229,9 @@ def recipe(folder: Path, model: Path, callbacks: list[dict], update: dict | None
     """Two RL steps of the tiny model with a reward that differs within groups (so advantages, and every term
     that depends on them, are non-zero)."""
     return tiny_recipe(
-        folder, model, callbacks, seed=3,
+        # seed 2: every step has a row with A > 0 and a DSD under xi (with seed 3 step 1 has none, and a term with
+        # nothing to push would pass the tests below unchecked)
+        folder, model, callbacks, seed=2,
         model={
             "reward": {"class_path": "probes.LengthParityReward"},
             "sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0},
@@ -279,9 +281,7 @@ def test_relax_fit_logs_changes_the_update_and_resume_does_not_refit(tmp_path, t
     # both ReLaX terms acted: some responses had A > 0 and a DSD under xi, some were over it
     assert all(v != 0 for v in scalars["relax/xp_loss"]) and all(v < 0 for v in scalars["relax/l_xp"])
     assert max(scalars["relax/gated_frac"]) > 0 and max(scalars["relax/gated_kl_loss"]) > 0
-    # the exploration term pushed the hidden states (a step whose rows with A > 0 are all over xi or too short has
-    # nothing to push: grad_share 0 there, as in step 1 of this seed)
-    assert max(scalars["relax/grad_share"]) > 0
+    assert min(scalars["relax/grad_share"]) > 0  # the exploration term pushed the hidden states in every step
     assert len(scalars["koopman/fit_loss_final"]) == 1  # fitted once
     assert {"koopman/eigenvalues", "koopman/dsd_histogram"} <= images
     # the same seed without LatentExploration's terms trains to other weights
