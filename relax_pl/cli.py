@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from relax_pl.checkpointing import AtomicCheckpointIO, load_checkpoint_file
 from relax_pl.config import MOVED_OBJECTIVE_KEYS, RENAMED_POLICY_LOSSES
@@ -102,14 +103,26 @@ def moved_key_hint(message: str) -> str:
 
 
 class RelaxCLI(LightningCLI):
-    def parse_arguments(self, parser: Any, args: Any) -> None:
-        """Also read a ``--ckpt_path`` file now (weights_only, memory-mapped): LightningCLI reads it next for
-        hyperparameters, and a refused or corrupt file should fail with relax_pl's message naming it."""
-        super().parse_arguments(parser, args)
+    def _parse_ckpt_path(self) -> None:
+        """The recipe and the command line decide the run, never the checkpoint.
+
+        Lightning's CLI copies a ``--ckpt_path`` file's ``hyper_parameters`` into the model's config ahead of the
+        recipe, so a shared checkpoint of plain data could swap ``pretrained`` for a folder with custom code and set
+        ``trust_remote_code``. relax_pl never saves the module's hyper-parameters and never applies them: the file is
+        read here (weights_only, memory-mapped, so a refused or corrupt file fails with relax_pl's message naming
+        it) and any hyper-parameter that differs from the recipe is reported, then ignored."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            load_checkpoint_file(ckpt_path, mmap=True)
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        saved = load_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters") or {}
+        differing = differing_hyperparameters(saved, self.config[subcommand].get("model"))
+        if differing:
+            rank_zero_warn(
+                f"checkpoint {ckpt_path!r} carries model hyper-parameters that differ from the recipe "
+                f"({', '.join(f'model.{key}' for key in differing)}); they are ignored: the recipe and the command "
+                "line decide the run"
+            )
 
     def instantiate_trainer(self, **kwargs: Any):
         """The model's setup decides the strategy; a recipe that also sets one differently is an error."""
@@ -126,6 +139,15 @@ class RelaxCLI(LightningCLI):
 
     def before_fit(self) -> None:
         continue_logging(self.trainer, self._get(self.config, "ckpt_path"))
+
+
+def differing_hyperparameters(saved: dict[str, Any], recipe_model: Any) -> list[str]:
+    """The keys of a checkpoint's ``hyper_parameters`` whose values are not the recipe's ``model:`` values (a key the
+    recipe does not have counts as differing)."""
+    recipe = recipe_model.as_dict() if hasattr(recipe_model, "as_dict") else dict(recipe_model or {})
+    recipe = recipe.get("init_args", recipe) if "class_path" in recipe else recipe
+    keys = [key for key in saved if key not in ("_instantiator", "_class_path")]
+    return sorted(key for key in keys if key not in recipe or saved[key] != recipe[key])
 
 
 def main(

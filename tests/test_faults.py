@@ -299,3 +299,26 @@ def test_checkpoint_that_carries_code_is_refused(tmp_path, tiny_model, uninterru
     with pytest.raises(CheckpointError, match=refused):
         export(recipe, folder, tmp_path / "export_sharded")
     assert not marker.exists()
+
+
+def test_checkpoint_hyperparameters_never_change_the_run(tmp_path, tiny_model, uninterrupted):
+    """A shared checkpoint of plain data (it passes weights_only) whose hyper_parameters name another model with
+    custom code and trust_remote_code: Lightning's CLI would copy them over the recipe. The recipe wins, the
+    difference is reported naming both keys, and the other model's code never runs."""
+    marker = tmp_path / "custom_code_ran"
+    other = tmp_path / "model_with_custom_code"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(
+        {"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    (other / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    shared = tmp_path / "shared.ckpt"
+    checkpoint = load_checkpoint_file(last_checkpoint(uninterrupted))
+    torch.save({**checkpoint, "hyper_parameters": {"pretrained": str(other), "trust_remote_code": True}}, shared)
+    recipe = fault_recipe(tmp_path / "run", tiny_model)
+    for subcommand in ("validate", "fit"):
+        with pytest.warns(UserWarning, match=r"\(model\.pretrained, model\.trust_remote_code\); they are ignored"):
+            cli = main([subcommand, "--config", str(recipe), "--ckpt_path", str(shared)])
+        assert cli.model.pretrained == str(tiny_model) and cli.model.trust_remote_code is False
+        saved = yaml.safe_load(next((tmp_path / "run").rglob("config.yaml")).read_text())
+        assert saved["model"]["pretrained"] == str(tiny_model) and saved["model"]["trust_remote_code"] is False
+    assert not marker.exists()
