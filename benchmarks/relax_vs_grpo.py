@@ -1,16 +1,30 @@
-"""ReLaX against GRPO on the embedded model: the paper's Figure 3 at small scale.
+"""ReLaX against GRPO and the token-level baselines, arms x seeds, paired, resumable.
 
-    python benchmarks/relax_vs_grpo.py                       # 2 seeds x {ReLaX, GRPO} x 30 RL steps, 1.5-2 h on 2 cores
-    python benchmarks/relax_vs_grpo.py --steps 2 --seeds 1 --out /tmp/rvg --tiny    # smoke run, a tiny random model
+    python benchmarks/relax_vs_grpo.py                                  # every arm of ARMS, the seeds of SEEDS
+    python benchmarks/relax_vs_grpo.py --runs GRPO:1 ReLaX-target:1     # these runs only, in this order
+    python benchmarks/relax_vs_grpo.py --report                         # the table and figure from what exists
+    python benchmarks/relax_vs_grpo.py --runs GRPO:1 ReLaX:1 --steps 2 --eval_prompts 4 --eval_samples 2 \\
+        --records /tmp/rvg --checkpoints /tmp/rvg_runs --tiny           # smoke run on a tiny random model
 
-Runs ``--recipe`` (default recipes/relax_small.yaml: SmolLM2-135M-Instruct on built-in word problems answered
-with a few sentences of reasoning) as it is (ReLaX) and with LatentExploration's terms switched off
-(``alpha = 0``, ``kl_coef = 0``): it then still measures DSD on the update's own forward, in the same units, but
-adds nothing to the loss and draws no random number, so that run is vanilla GRPO. Every seed and method runs in
-its own process, one after the other; every step appends a line to ``<out>/<method>-seed<k>.jsonl``, so a run
-cut short keeps what it did, and a run already complete is not run again. At the end it writes
-``<out>/relax_vs_grpo.png`` (per-step curves: mean over seeds, shaded range) and prints the table the README shows:
-means over the last 10 steps, per seed and over seeds, and the last validation.
+Every run is ``recipes/relax_small.yaml`` (SmolLM2-135M-Instruct on built-in word problems, CPU) changed as its arm
+says (:data:`ARMS`), for ``--steps`` optimiser steps with seed ``k``: arms of one seed see the same prompts in the
+same order. Every arm keeps LatentExploration, so DSD is measured the same way in all of them; the arms that are
+not ReLaX run it with ``alpha = 0`` and ``kl_coef = 0``, where it adds nothing to the loss and draws no random number.
+
+A run is two phases, each its own process:
+
+1. *train*: ``fit`` with a ``last.ckpt`` every ``--checkpoint_every`` steps under ``--checkpoints``; each step
+   appends one line to ``<records>/<arm>-seed<k>.jsonl`` (each validation one more). A run cut short resumes from its
+   ``last.ckpt`` (``--ckpt_path last``) and first drops the records after that checkpoint, which the resumed run
+   writes again; a run whose records end with ``done`` is not trained again.
+2. *evaluate*: ``python -m relax_pl evaluate`` on the final checkpoint over ``--eval_prompts`` held-out prompts
+   (the recipe's validation source: half one-step problems as in training, half two-step), greedy and
+   ``--eval_samples`` samples at T = 1, into ``<records>/eval/<arm>-seed<k>/evaluation.json``.
+
+Running the same command again finishes what is unfinished and skips the rest, so the experiment can span several
+sittings; commit ``<records>`` as it grows. ``--report`` (also printed at the end) writes
+``<records>/relax_vs_grpo.png`` and prints per-seed means over the last 15 steps, paired differences against GRPO
+with 95% intervals, and held-out mean@1 / mean@k with paired differences.
 """
 
 from __future__ import annotations
@@ -18,10 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -36,19 +52,55 @@ STEP_KEYS = {
     "relax/valid_frac": "valid_frac",
     "relax/gated_frac": "gated_frac",
     "relax/grad_share": "grad_share",
+    "relax/alpha": "alpha",
     "relax/xi": "xi",
     "actor/grad_norm": "grad_norm",
+    "actor/pg_clipfrac": "clipfrac",
     "timing_s/step": "step_s",
     "timing_s/gen": "gen_s",
     "timing_s/ref": "ref_s",
     "timing_s/update": "update_s",
 }
-VALIDATION_KEYS = ("val/accuracy", "val/reward", "val/accuracy/greedy")  # plus val/accuracy/pass@k
-LAST = 10
+LAST = 15  # the window of the paired reward difference
+
+
+@dataclass
+class Arm:
+    """How an arm changes the recipe: command-line overrides and LatentExploration's arguments."""
+
+    overrides: list[str] = field(default_factory=list)
+    explore: dict = field(default_factory=dict)
+    note: str = ""
+
+
+OBSERVE_ONLY = {"alpha": 0.0, "kl_coef": 0.0}
+ARMS = {
+    "GRPO": Arm(explore=OBSERVE_ONLY, note="LatentExploration measures DSD only"),
+    "ReLaX": Arm(note="the recipe: alpha 0.2, xi 25 absolute (the paper's bound, authors' units)"),
+    "ReLaX-target": Arm(
+        explore={"grad_share_target": 0.1, "xi_mode": "quantile", "xi_quantile": 0.8},
+        note="alpha steered to grad_share 0.1 (the paper setting's push); the gate at the mini-batch's 80% quantile",
+    ),
+    "Entropy": Arm(
+        overrides=["--model.objective.entropy_coef=0.005"], explore=OBSERVE_ONLY,
+        note="GRPO + a token-entropy bonus of 0.005",
+    ),
+    "ClipCov": Arm(
+        overrides=['--model.objective.policy_loss={"class_path": "relax_pl.losses.ClipCov", "init_args": '
+                   '{"clip_low": 0.2, "clip_high": 0.28, "ratio": 0.01, "bounds": [1.0, 5.0]}}'],
+        explore=OBSERVE_ONLY,
+        note="Clip-Cov with 1% of the tokens (the paper's 2e-4 selects no token of a 1,500-token step)",
+    ),
+}
+# pairs first (GRPO and the ReLaX arms on the same seed), the baselines' seeds last: cut from the end
+RUN_ORDER = [("GRPO", 1), ("ReLaX-target", 1), ("GRPO", 2), ("ReLaX-target", 2), ("ReLaX", 1), ("ReLaX", 2),
+             ("GRPO", 3), ("ReLaX-target", 3), ("GRPO", 4), ("ReLaX-target", 4),
+             ("Entropy", 1), ("ClipCov", 1), ("Entropy", 2), ("ClipCov", 2)]
 
 
 class StepLog(L.Callback):
-    """Appends each step's metrics (and each validation's) to a JSON-lines file as soon as they exist."""
+    """Appends each step's metrics (and each validation's) to a JSON-lines file as soon as they exist. Runs before
+    ModelCheckpoint (Lightning puts checkpoint callbacks last), so a checkpoint never holds a step without a record."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -66,37 +118,63 @@ class StepLog(L.Callback):
         if trainer.sanity_checking:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        record = {k: v for k, v in metrics.items() if k in VALIDATION_KEYS or "/pass@" in k}
-        self.write({"validation_step": trainer.fit_loop.epoch_loop._batches_that_stepped, **record})
+        self.write({"validation_step": trainer.fit_loop.epoch_loop._batches_that_stepped, **metrics})
 
 
-def run_one(recipe: str, method: str, seed: int, steps: int, out: Path, extra: list[str], alpha: float | None) -> None:
-    """One fit, in this process."""
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}-seed{seed}"
+
+
+def keep_records_before(path: Path, step: int) -> None:
+    """Drop the records of steps at or after ``step`` (what a run resumed from that checkpoint writes again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if json.loads(line).get("step", json.loads(line).get("validation_step", -1)) < step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(args: argparse.Namespace, arm_name: str, seed: int) -> None:
+    """One run's fit, in this process, resumed from its ``last.ckpt`` when there is one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from relax_pl.callbacks import LatentExploration
+    from relax_pl.checkpointing import load_checkpoint_file
     from relax_pl.cli import main
 
-    path = out / f"{method}-seed{seed}.jsonl"
-    path.unlink(missing_ok=True)
+    arm, name = ARMS[arm_name], run_name(arm_name, seed)
+    records, folder = Path(args.records) / f"{name}.jsonl", Path(args.checkpoints) / name
+    last = folder / "checkpoints" / "last.ckpt"
+    resume_step = load_checkpoint_file(last, mmap=True)["global_step"] if last.exists() else 0
+    keep_records_before(records, resume_step)
     cli = main(
-        ["--config", recipe, f"--seed_everything={seed}", f"--trainer.max_steps={steps}", "--trainer.logger=false",
-         f"--trainer.default_root_dir={out / 'root'}", *extra],
+        ["--config", args.recipe, f"--seed_everything={seed}", f"--trainer.max_steps={args.steps}",
+         "--trainer.logger=false", f"--trainer.default_root_dir={folder}", *arm.overrides, *args.overrides],
         run=False,
     )
-    cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if not isinstance(cb, L.pytorch.callbacks.ModelCheckpoint)]
-    explore = [cb for cb in cli.trainer.callbacks if isinstance(cb, LatentExploration)]
-    if len(explore) != 1:
-        raise ValueError(f"{recipe} must have one LatentExploration callback, found {len(explore)}")
-    if method == "GRPO":  # observe only: no loss term, no reference forward
-        explore[0].alpha, explore[0].kl_coef = 0.0, 0.0
-    elif alpha is not None:
-        explore[0].alpha = alpha
-    cli.trainer.callbacks.append(StepLog(path))
+    callbacks = [cb for cb in cli.trainer.callbacks if not isinstance(cb, ModelCheckpoint)]
+    [(index, explore)] = [(i, cb) for i, cb in enumerate(callbacks) if isinstance(cb, LatentExploration)]
+    [given] = [c for c in cli.config.trainer.callbacks if c.class_path.endswith("LatentExploration")]
+    callbacks[index] = LatentExploration(**{**dict(given.init_args or {}), **arm.explore})
+    checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", every_n_train_steps=args.checkpoint_every,
+                                 save_last=True, save_top_k=0)
+    cli.trainer.callbacks = [*callbacks, StepLog(records), checkpoint]
     start = time.perf_counter()
-    cli.trainer.fit(cli.model, cli.datamodule)
-    StepLog(path).write({"done": True, "seconds": time.perf_counter() - start})
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path="last" if last.exists() else None)
+    StepLog(records).write({"done": True, "seconds": time.perf_counter() - start, "resumed_from": resume_step})
 
 
-def read(path: Path) -> tuple[list[dict], list[dict], bool]:
+def evaluate(args: argparse.Namespace, arm_name: str, seed: int) -> int:
+    name = run_name(arm_name, seed)
+    command = [sys.executable, "-m", "relax_pl", "evaluate", "--config", args.recipe,
+               "--ckpt_path", str(Path(args.checkpoints) / name / "checkpoints" / "last.ckpt"),
+               "--num_samples", str(args.eval_samples), "--max_prompts", str(args.eval_prompts),
+               "--seed", "0", "--out", str(Path(args.records) / "eval" / name), *args.overrides]
+    return subprocess.run(command).returncode
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_run(path: Path) -> tuple[list[dict], list[dict], bool]:
     steps, validations, done = [], [], False
     if path.exists():
         for line in path.read_text().splitlines():
@@ -110,6 +188,11 @@ def read(path: Path) -> tuple[list[dict], list[dict], bool]:
     return steps, validations, done
 
 
+def read_evaluation(records: Path, name: str) -> dict | None:
+    path = records / "eval" / name / "evaluation.json"
+    return json.loads(path.read_text())["checkpoints"][0] if path.exists() else None
+
+
 def mean(values: list[float]) -> float:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.fmean(values) if values else math.nan
@@ -119,16 +202,64 @@ def last_mean(steps: list[dict], key: str) -> float:
     return mean([s.get(key) for s in steps[-LAST:]])
 
 
+def interval(resample, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The 2.5% and 97.5% quantiles of ``resample(rng)`` over ``draws`` bootstrap draws."""
+    rng = random.Random(seed)
+    values = sorted(resample(rng) for _ in range(draws))
+    return values[int(0.025 * draws)], values[int(0.975 * draws) - 1]
+
+
+def paired_reward(arm_runs: dict[int, list[dict]], grpo_runs: dict[int, list[dict]]) -> dict:
+    """Per seed and over seeds: arm - GRPO training reward, step by step over the last :data:`LAST` steps of both.
+    The interval over seeds resamples seeds, then steps within each (a two-level bootstrap)."""
+    diffs = {}
+    for seed in sorted(set(arm_runs) & set(grpo_runs)):
+        a, g = {s["step"]: s["reward"] for s in arm_runs[seed]}, {s["step"]: s["reward"] for s in grpo_runs[seed]}
+        common = sorted(set(a) & set(g))[-LAST:]
+        if common:
+            diffs[seed] = [a[t] - g[t] for t in common]
+    result = {"per_seed": {s: mean(d) for s, d in diffs.items()}}
+    if diffs:
+        seeds = list(diffs)
+
+        def draw(rng):
+            chosen = [diffs[rng.choice(seeds)] for _ in seeds]
+            return statistics.fmean(statistics.fmean(rng.choice(d) for _ in d) for d in chosen)
+
+        result["mean"] = statistics.fmean(result["per_seed"].values())
+        result["interval"] = interval(draw)
+    return result
+
+
+def paired_heldout(records: Path, arm: str, seeds: list[int], metric: str) -> dict | None:
+    """Held-out ``metric`` (``mean@1``, ``mean@k``), arm - GRPO: per seed, and per prompt averaged over the seeds
+    both have, with a bootstrap interval over prompts (the evaluation set is the same for every run)."""
+    from relax_pl.evaluation import bootstrap_interval
+
+    per_prompt = []
+    per_seed = {}
+    for seed in seeds:
+        a, g = read_evaluation(records, run_name(arm, seed)), read_evaluation(records, run_name("GRPO", seed))
+        if a is None or g is None:
+            continue
+        da, dg = a["per_prompt"][metric], g["per_prompt"][metric]
+        per_prompt.append([x - y for x, y in zip(da, dg)])
+        per_seed[seed] = mean(da) - mean(dg)
+    if not per_prompt:
+        return None
+    averaged = [statistics.fmean(column) for column in zip(*per_prompt)]
+    return {"per_seed": per_seed, "mean": statistics.fmean(averaged), "interval": bootstrap_interval(averaged)}
+
+
 def length_adjusted_ratio(method_runs: dict, grpo_runs: dict) -> float:
-    """exp(b) of the least-squares fit ``log DSD = a + c log length + b [method]`` over every step of both methods.
+    """exp(b) of the least-squares fit ``log DSD = a + c log length + b [method]`` over every step of both arms.
 
     In the authors' units a response's DSD depends on its length (it is padded to ``max_new_tokens``, and the
-    shorter it is, the more of K the padding decides), and both methods' answers shrink as they learn; this ratio
-    compares the methods at equal mean length."""
+    shorter it is, the more of K the padding decides); this ratio compares the arms at equal mean length."""
     import numpy as np
 
     rows = [(1.0 if runs is method_runs else 0.0, math.log(s["length"]), math.log(s["dsd"]))
-            for runs in (method_runs, grpo_runs) for steps, _ in runs.values() for s in steps
+            for runs in (method_runs, grpo_runs) for steps in runs.values() for s in steps
             if s.get("dsd", 0) > 0 and s.get("length", 0) > 0]
     indicator, log_length, log_dsd = (np.array(column) for column in zip(*rows))
     design = np.stack([np.ones_like(log_length), log_length, indicator], axis=1)
@@ -136,119 +267,142 @@ def length_adjusted_ratio(method_runs: dict, grpo_runs: dict) -> float:
     return float(np.exp(coef[2]))
 
 
-def table(runs: dict[str, dict[int, tuple[list[dict], list[dict]]]]) -> str:
-    keys = ["dsd", "entropy", "reward", "accuracy", "length", "gated_frac", "grad_share"]
-    header = ["method", "seed", "steps"] + [f"{k} (last {LAST})" for k in keys] + ["val mean@k", "val pass@k"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    summary: dict[str, dict[str, float]] = {}
-    for method, seeds in runs.items():
-        per_seed = []
-        for seed, (steps, validations) in sorted(seeds.items()):
-            row = {k: last_mean(steps, k) for k in keys}
-            final = validations[-1] if validations else {}
-            row["val"] = final.get("val/accuracy", math.nan)
-            row["pass"] = next((v for k, v in final.items() if "/pass@" in k), math.nan)
-            per_seed.append(row)
-            lines.append(f"| {method} | {seed} | {len(steps)} | " + " | ".join(f"{row[k]:.4g}" for k in keys)
-                         + f" | {row['val']:.3f} | {row['pass']:.3f} |")
-        summary[method] = {k: mean([r[k] for r in per_seed]) for k in [*keys, "val", "pass"]}
-        lines.append(f"| **{method}** | mean | | " + " | ".join(f"**{summary[method][k]:.4g}**" for k in keys)
-                     + f" | **{summary[method]['val']:.3f}** | **{summary[method]['pass']:.3f}** |")
-    if "GRPO" in summary:
-        grpo = summary["GRPO"]
-        for method in [m for m in summary if m != "GRPO"]:
-            relax = summary[method]
-            lines.append(f"\n{method} / GRPO over the last {LAST} steps: DSD {relax['dsd'] / grpo['dsd']:.2f}x, entropy "
-                         f"{relax['entropy'] / grpo['entropy']:.2f}x, reward {relax['reward'] - grpo['reward']:+.3f}")
-        for method in [m for m in summary if m != "GRPO"]:
-            ratio = length_adjusted_ratio(runs[method], runs["GRPO"])
-            lines.append(f"{method} / GRPO at equal response length (all steps): DSD {ratio:.2f}x")
-        grpo_rewards = [last_mean(steps, "reward") for steps, _ in runs["GRPO"].values()]
-        lines.append(f"GRPO's seed-to-seed range of reward: {min(grpo_rewards):.3f} to {max(grpo_rewards):.3f}")
+def report(records: Path) -> str:
+    runs: dict[str, dict[int, list[dict]]] = {}
+    for path in sorted(records.glob("*-seed*.jsonl")):
+        arm, seed = path.stem.rsplit("-seed", 1)
+        steps, _, _ = read_run(path)
+        if steps:
+            runs.setdefault(arm, {})[int(seed)] = steps
+    order = [a for a in ARMS if a in runs] + [a for a in runs if a not in ARMS]
+    keys = ["reward", "accuracy", "dsd", "entropy", "length", "gated_frac", "grad_share", "alpha", "step_s"]
+    lines = [f"Per run, means over the last {LAST} steps; held-out mean@1 (greedy) and mean@k / pass@k at T = 1", "",
+             "| arm | seed | steps | " + " | ".join(keys) + " | held-out mean@1 | mean@k | pass@k |",
+             "|" + "---|" * (len(keys) + 6)]
+    for arm in order:
+        for seed, steps in sorted(runs[arm].items()):
+            evaluation = read_evaluation(records, run_name(arm, seed))
+            held = [evaluation["figures"][k]["value"] if evaluation else math.nan
+                    for k in ("mean@1", "mean@k", "pass@k")] if evaluation else [math.nan] * 3
+            lines.append(f"| {arm} | {seed} | {len(steps)} | " + " | ".join(f"{last_mean(steps, k):.3g}" for k in keys)
+                         + " | " + " | ".join(f"{v:.3f}" for v in held) + " |")
+    if "GRPO" in runs:
+        lines += ["", f"Paired against GRPO (same seed, same prompts): training reward over the last {LAST} steps, "
+                  "held-out mean@1 and mean@k (per prompt, averaged over seeds); 95% bootstrap intervals", "",
+                  "| arm | seeds | reward diff [95%] | per seed | mean@1 diff [95%] | mean@k diff [95%] | "
+                  "DSD x GRPO (equal length) | entropy x GRPO |", "|---|---|---|---|---|---|---|---|"]
+        for arm in [a for a in order if a != "GRPO"]:
+            paired = paired_reward(runs[arm], runs["GRPO"])
+            if "mean" not in paired:
+                continue
+            seeds = sorted(paired["per_seed"])
+            held = [paired_heldout(records, arm, seeds, m) for m in ("mean@1", "mean@k")]
+            held_text = [f"{h['mean']:+.3f} [{h['interval'][0]:+.3f}, {h['interval'][1]:+.3f}]" if h else "-"
+                         for h in held]
+            entropy = mean([last_mean(runs[arm][s], "entropy") for s in seeds]) / mean(
+                [last_mean(runs["GRPO"][s], "entropy") for s in seeds])
+            ratio = length_adjusted_ratio({s: runs[arm][s] for s in seeds}, {s: runs["GRPO"][s] for s in seeds})
+            low, high = paired["interval"]
+            lines.append(f"| {arm} | {','.join(map(str, seeds))} | {paired['mean']:+.3f} [{low:+.3f}, {high:+.3f}] | "
+                         + ", ".join(f"{d:+.3f}" for d in paired["per_seed"].values())
+                         + f" | {held_text[0]} | {held_text[1]} | {ratio:.2f}x | {entropy:.2f}x |")
+    plot(runs, records, records / "relax_vs_grpo.png")
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, dict[int, tuple[list[dict], list[dict]]]], path: Path) -> None:
+def plot(runs: dict[str, dict[int, list[dict]]], records: Path, path: Path) -> None:
     from matplotlib.figure import Figure
 
     panels = [("dsd", "DSD (authors' units, log scale)", True), ("entropy", "token entropy", False),
-              ("reward", "training reward", False), ("val", "validation: mean@k (o) and pass@k (^)", False),
-              ("gated_frac", "gated fraction (DSD > xi)", False), ("grad_share", "grad_share (|alpha L_xp| / |rest|)", True),
-              ("length", "response length (tokens)", False), ("valid_frac", "responses with a defined DSD", False)]
-    figure = Figure(figsize=(16, 7.5), dpi=100)
-    palette = iter(["tab:red", "tab:orange", "tab:purple", "tab:green"])
-    colors = {m: "tab:blue" if m == "GRPO" else next(palette) for m in runs}
-    for ax, (key, title, log) in zip(figure.subplots(2, 4).flat, panels):
-        for method, seeds in runs.items():
-            if key == "val":
-                for marker, pick in (("o", lambda r: r.get("val/accuracy")),
-                                     ("^", lambda r: next((v for k, v in r.items() if "/pass@" in k), None))):
-                    points = {}
-                    for _, validations in seeds.values():
-                        for r in validations:
-                            points.setdefault(r["validation_step"], []).append(pick(r))
-                    xs = sorted(points)
-                    ax.plot(xs, [mean(points[x]) for x in xs], marker=marker, color=colors[method],
-                            label=f"{method} {'mean@k' if marker == 'o' else 'pass@k'}")
-                continue
-            length = max(len(steps) for steps, _ in seeds.values())
+              ("reward", "training reward", False), ("length", "response length (tokens)", False),
+              ("gated_frac", "gated fraction (DSD > xi, A > 0)", False),
+              ("grad_share", "grad_share (|alpha L_xp| / |rest|)", True), ("alpha", "alpha", True),
+              ("valid_frac", "responses with a defined DSD", False)]
+    figure = Figure(figsize=(20, 7.5), dpi=100)
+    axes = figure.subplots(2, 5)
+    colors = dict(zip(ARMS, ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:purple"]))
+    for ax, (key, title, log) in zip([*axes[:, :4].flat], panels):
+        for arm, seeds in runs.items():
+            length = max(len(steps) for steps in seeds.values())
             xs, mid, low, high = [], [], [], []
             for i in range(length):
-                values = [steps[i].get(key) for steps, _ in seeds.values() if i < len(steps)]
-                values = [v for v in values if v is not None and math.isfinite(v)]
+                values = [steps[i].get(key) for steps in seeds.values() if i < len(steps)]
+                values = [v for v in values if v is not None and math.isfinite(v) and (v > 0 or not log)]
                 if values:
                     xs.append(i + 1)
                     mid.append(statistics.fmean(values))
                     low.append(min(values))
                     high.append(max(values))
             if xs:
-                ax.plot(xs, mid, color=colors[method], label=f"{method} ({len(seeds)} seeds)")
-                ax.fill_between(xs, low, high, color=colors[method], alpha=0.2)
+                color = colors.get(arm, "tab:gray")
+                ax.plot(xs, mid, color=color, label=f"{arm} ({len(seeds)} seeds)")
+                ax.fill_between(xs, low, high, color=color, alpha=0.15)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("RL step")
-        if log:
+        ax.set_xlabel("step")
+        if log and ax.lines:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
+    for ax, metric in zip(axes[:, 4], ("mean@1", "mean@k")):
+        names, values, errors = [], [], []
+        for arm, seeds in runs.items():
+            per_seed = [e["figures"][metric]["value"] for s in seeds
+                        if (e := read_evaluation(records, run_name(arm, s)))]
+            if per_seed:
+                names.append(f"{arm}\n({len(per_seed)})")
+                values.append(statistics.fmean(per_seed))
+                errors.append([[values[-1] - min(per_seed)], [max(per_seed) - values[-1]]])
+        for i, (value, error) in enumerate(zip(values, errors)):
+            ax.bar(i, value, yerr=error, capsize=4, color=colors.get(names[i].split("\n")[0], "tab:gray"))
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_title(f"held-out {metric} (mean over seeds, range)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def parse_run(text: str) -> tuple[str, int]:
+    arm, _, seed = text.partition(":")
+    if arm not in ARMS or not seed.isdigit():
+        raise argparse.ArgumentTypeError(f"a run is ARM:SEED with ARM one of {list(ARMS)}, got {text!r}")
+    return arm, int(seed)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/relax_small.yaml")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seeds", type=int, default=2, help="seeds 1..N for each method")
-    parser.add_argument("--out", default="runs/relax_vs_grpo")
-    parser.add_argument("--alpha", type=float, help="ReLaX's alpha instead of the recipe's (the method is named ReLaX-alpha<a>)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny random model (run `python -m relax_pl.testing runs/tiny_qwen2` first)")
-    parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)  # a child process
-    parser.add_argument("extra", nargs="*", help="recipe overrides passed to every run, e.g. --model.optimizer.lr=1e-5")
-    args, unknown = parser.parse_known_args()
-    extra = [*args.extra, *unknown, *(["--model.pretrained=runs/tiny_qwen2"] if args.tiny else [])]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    methods = ("ReLaX" if args.alpha is None else f"ReLaX-alpha{args.alpha:g}", "GRPO")
-    if args.one:
-        run_one(args.recipe, args.one[0], int(args.one[1]), args.steps, out, extra, args.alpha)
+    parser.add_argument("--runs", nargs="+", type=parse_run, default=RUN_ORDER, help="ARM:SEED ... (default: all)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--checkpoint_every", type=int, default=5)
+    parser.add_argument("--eval_prompts", type=int, default=128)
+    parser.add_argument("--eval_samples", type=int, default=8)
+    parser.add_argument("--records", default="docs/relax_vs_grpo", help="per-step records, evaluations, figure")
+    parser.add_argument("--checkpoints", default="runs/relax_vs_grpo", help="each run's last.ckpt")
+    parser.add_argument("--report", action="store_true", help="only the table and figure")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model (`python -m relax_pl.testing runs/tiny_qwen2`)")
+    parser.add_argument("--phase", nargs=3, metavar=("PHASE", "ARM", "SEED"), help=argparse.SUPPRESS)  # a child
+    args, overrides = parser.parse_known_args()
+    args.overrides = [*overrides, *(["--model.pretrained=runs/tiny_qwen2"] if args.tiny else [])]
+    records = Path(args.records)
+    (records / "eval").mkdir(parents=True, exist_ok=True)
+    if args.phase:
+        train(args, args.phase[1], int(args.phase[2]))
         sys.exit(0)
-    for seed in range(1, args.seeds + 1):
-        for method in methods:
-            if read(out / f"{method}-seed{seed}.jsonl")[2]:
-                print(f"{method} seed {seed}: complete, kept", flush=True)
-                continue
-            print(f"{method} seed {seed}: running {args.steps} steps", flush=True)
-            command = [sys.executable, __file__, "--recipe", args.recipe, "--steps", str(args.steps), "--out", str(out),
-                       "--one", method, str(seed), *(["--alpha", str(args.alpha)] if args.alpha is not None else []), *extra]
-            if subprocess.run(command).returncode:
-                print(f"{method} seed {seed}: failed; its steps so far are kept in {out}", flush=True)
-    methods = sorted({p.name.rsplit("-seed", 1)[0] for p in out.glob("*-seed*.jsonl")}, key=lambda m: (m == "GRPO", m))
-    runs = {m: {} for m in methods}
-    for method in methods:
-        for seed in range(1, args.seeds + 1):
-            steps, validations, _ = read(out / f"{method}-seed{seed}.jsonl")
-            if steps:
-                runs[method][seed] = (steps, validations)
-    runs = {m: s for m, s in runs.items() if s}
-    plot(runs, out / "relax_vs_grpo.png")
-    print(f"\n{args.recipe}, {args.steps} RL steps, seeds 1-{args.seeds}; curves in {out / 'relax_vs_grpo.png'}\n")
-    print(table(runs))
+    if not args.report:
+        settings = ["--recipe", args.recipe, "--steps", str(args.steps), "--checkpoint_every", str(args.checkpoint_every),
+                    "--records", args.records, "--checkpoints", args.checkpoints, *args.overrides]
+        for arm, seed in args.runs:
+            name = run_name(arm, seed)
+            if not read_run(records / f"{name}.jsonl")[2]:
+                print(f"{name}: training {args.steps} steps", flush=True)
+                child = subprocess.run([sys.executable, __file__, *settings, "--phase", "train", arm, str(seed)])
+                if child.returncode or not read_run(records / f"{name}.jsonl")[2]:
+                    print(f"{name}: training stopped (exit {child.returncode}); run the command again to resume",
+                          flush=True)
+                    continue
+            if read_evaluation(records, name) is None:
+                print(f"{name}: evaluating on {args.eval_prompts} held-out prompts", flush=True)
+                if evaluate(args, arm, seed):
+                    print(f"{name}: evaluation failed; run the command again to retry", flush=True)
+            else:
+                print(f"{name}: complete, kept", flush=True)
+    print(report(records))

@@ -107,6 +107,26 @@ WORD_GAINS = ("buys {n} more {item}", "finds {n} more {item}", "gets {n} {item} 
 WORD_LOSSES = ("gives {n} {item} to a friend", "loses {n} {item}", "uses {n} {item}")
 
 
+HELDOUT_SIZE = 256
+
+
+def word_problem(rng: random.Random, steps: int, max_value: int) -> tuple[str, int]:
+    """One word problem of ``steps`` gains or losses and its answer, drawn from ``rng``."""
+    name, item = rng.choice(WORD_NAMES), rng.choice(WORD_ITEMS)
+    count = start = rng.randint(2, max_value)
+    actions = []
+    for _ in range(steps):
+        if count > 1 and rng.random() < 0.5:
+            n = rng.randint(1, min(max_value, count - 1))
+            actions.append(rng.choice(WORD_LOSSES).format(n=n, item=item))
+            count -= n
+        else:
+            n = rng.randint(1, max_value)
+            actions.append(rng.choice(WORD_GAINS).format(n=n, item=item))
+            count += n
+    return f"{name} has {start} {item}. {name} {', then '.join(actions)}. How many {item} does {name} have now?", count
+
+
 def word_problems(
     split: str, num_samples: int = 1000, steps: int = 2, max_value: int = 20, seed: int = 0
 ) -> list[dict]:
@@ -117,40 +137,57 @@ def word_problems(
     Each problem starts from a count in ``[2, max_value]`` and applies ``steps`` gains or losses of 1 to
     ``max_value`` items (a loss never takes more than is there). Splits as in :func:`arithmetic`.
 
+    The split ``heldout`` is a fixed evaluation set of :data:`HELDOUT_SIZE` distinct problems from the ``test``
+    share (so it never holds a training problem, whatever the options): every other row has ``steps`` steps (the
+    training distribution), the rows between them ``steps + 1`` (harder than training); each row's ``data_source``
+    says which (``word_problems/1-step``), so validation reports both. ``num_samples`` and ``seed`` do not change it.
+
     Raises:
-        ValueError: an option is out of range, or ``split`` is not one of ``train``, ``validation``, ``test``.
+        ValueError: an option is out of range, or ``split`` is not one of ``train``, ``validation``, ``test``,
+            ``heldout``.
     """
-    if split not in SPLITS:
-        raise ValueError(f"builtin:word_problems has no split {split!r}; choose one of {list(SPLITS)}")
+    if split not in (*SPLITS, "heldout"):
+        raise ValueError(f"builtin:word_problems has no split {split!r}; choose one of {[*SPLITS, 'heldout']}")
     if num_samples < 1 or steps < 1 or max_value < 2:
         raise ValueError(
             f"builtin:word_problems needs num_samples >= 1, steps >= 1 and max_value >= 2; "
             f"got num_samples={num_samples}, steps={steps}, max_value={max_value}"
         )
+    if split == "heldout":
+        return heldout_word_problems(steps, max_value)
     rng = random.Random(f"word_problems/{split}/{seed}")
     rows: list[dict] = []
     for _ in range(1000 * num_samples):
-        name, item = rng.choice(WORD_NAMES), rng.choice(WORD_ITEMS)
-        count = start = rng.randint(2, max_value)
-        actions = []
-        for _ in range(steps):
-            if count > 1 and rng.random() < 0.5:
-                n = rng.randint(1, min(max_value, count - 1))
-                actions.append(rng.choice(WORD_LOSSES).format(n=n, item=item))
-                count -= n
-            else:
-                n = rng.randint(1, max_value)
-                actions.append(rng.choice(WORD_GAINS).format(n=n, item=item))
-                count += n
-        problem = f"{name} has {start} {item}. {name} {', then '.join(actions)}. How many {item} does {name} have now?"
+        problem, answer = word_problem(rng, steps, max_value)
         if split_of(problem) != split:
             continue
-        rows.append({"problem": problem, "answer": str(count)})
+        rows.append({"problem": problem, "answer": str(answer)})
         if len(rows) == num_samples:
             return rows
     raise ValueError(
         f"builtin:word_problems found too few {split!r} problems with steps={steps}, max_value={max_value}; "
         "widen the problem space"
+    )
+
+
+def heldout_word_problems(steps: int, max_value: int) -> list[dict]:
+    """The ``heldout`` split of :func:`word_problems`: distinct ``test``-share problems, alternately of ``steps`` and
+    ``steps + 1`` steps."""
+    rngs = {k: random.Random(f"word_problems/heldout/{k}/{max_value}") for k in (steps, steps + 1)}
+    seen: set[str] = set()
+    rows: list[dict] = []
+    for _ in range(10_000 * HELDOUT_SIZE):
+        k = steps + len(rows) % 2
+        problem, answer = word_problem(rngs[k], k, max_value)
+        if split_of(problem) != "test" or problem in seen:
+            continue
+        seen.add(problem)
+        rows.append({"problem": problem, "answer": str(answer), "data_source": f"word_problems/{k}-step"})
+        if len(rows) == HELDOUT_SIZE:
+            return rows
+    raise ValueError(
+        f"builtin:word_problems cannot find {HELDOUT_SIZE} distinct held-out problems with steps={steps}, "
+        f"max_value={max_value}; widen the problem space"
     )
 
 
