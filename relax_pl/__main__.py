@@ -1,4 +1,5 @@
-"""``python -m relax_pl <fit|validate|test> --config ...`` (LightningCLI) and ``python -m relax_pl export ...``."""
+"""``python -m relax_pl <fit|validate|test> --config ...`` (LightningCLI), ``python -m relax_pl evaluate ...``
+(:mod:`relax_pl.evaluation`) and ``python -m relax_pl export ...``."""
 
 import sys
 
@@ -7,6 +8,10 @@ if __name__ == "__main__":
         from relax_pl.export import main as export_main
 
         export_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["evaluate"]:
+        from relax_pl.evaluation import main as evaluate_main
+
+        evaluate_main(sys.argv[2:])
     else:
         from relax_pl.cli import main
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from relax_pl import objectives as obj
 from relax_pl import rng
 from relax_pl.correction import truncated_importance_weights
+from relax_pl.evaluation import PromptResult, score_prompts
 from relax_pl.extension import LossTerms, MiniBatch, PolicyForward, rlvr_callbacks
 from relax_pl.config import ObjectiveConfig, OptimizerConfig, UpdateConfig, ValidationConfig
 from relax_pl.forward import ResponseForward, reference_kl
@@ -357,6 +358,11 @@ class RLVRModule(L.LightningModule):
             self._val_means.add("val/accuracy/greedy", correctness(self.compute_rewards(greedy_rollout)))
 
     test_step = validation_step
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[PromptResult]:
+        """``python -m relax_pl evaluate`` (:mod:`relax_pl.evaluation`): per prompt, ``validation.num_responses``
+        answers at the training temperature and one greedy answer, scored."""
+        return score_prompts(self, batch, self.validation.num_responses)
 
     def on_validation_start(self) -> None:
         # Validation samples from a copy of the generators, so training draws the same numbers whether a validation

@@ -393,3 +393,22 @@ def test_fsdp_export_consolidates_a_hugging_face_folder(fsdp_run, tmp_path, earl
     for name, tensor in trained.items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
     assert any(not torch.equal(initial[n], exported[n]) for n in trained)
+
+
+def test_fsdp_evaluate_shards_prompts_and_gathers_them(fsdp_run, tmp_path):
+    """``python -m relax_pl evaluate`` over two processes: each samples its share of the prompts with the sharded
+    checkpoint; the first writes every prompt once."""
+    folder, recipe, _ = fsdp_run
+    command = [sys.executable, "-m", "relax_pl", "evaluate", "--config", str(recipe),
+               "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"), "--num_samples", "2", "--max_prompts", "5",
+               "--out", str(tmp_path), "--data.val_source", "builtin:arithmetic", "--data.val_batch_size", "2",
+               "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(command, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-5000:]
+    [entry] = json.loads((tmp_path / "evaluation.json").read_text())["checkpoints"]
+    assert entry["rows"] == [0, 1, 2, 3, 4] and entry["step"] == 2  # 3 + 2 prompts, each once, in order
+    assert json.loads((tmp_path / "evaluation.json").read_text())["settings"]["devices"] == 2
+    assert all(len(values) == 5 for values in entry["per_prompt"].values())
