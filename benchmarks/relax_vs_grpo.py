@@ -50,6 +50,7 @@ STEP_KEYS = {
     "relax/dsd_mean": "dsd",
     "relax/dsd_median": "dsd_median",
     "relax/valid_frac": "valid_frac",
+    "relax/over_frac": "over_frac",
     "relax/gated_frac": "gated_frac",
     "relax/grad_share": "grad_share",
     "relax/alpha": "alpha",
@@ -99,11 +100,12 @@ RUN_ORDER = [("GRPO", 1), ("ReLaX-target", 1), ("GRPO", 2), ("ReLaX-target", 2),
 
 
 class StepLog(L.Callback):
-    """Appends each step's metrics (and each validation's) to a JSON-lines file as soon as they exist. Runs before
-    ModelCheckpoint (Lightning puts checkpoint callbacks last), so a checkpoint never holds a step without a record."""
+    """Appends each step's metrics (and each validation's) to a JSON-lines file as soon as they exist, with the
+    step's valid DSDs and their advantages (to compare over-dispersion bounds offline). Runs before ModelCheckpoint
+    (Lightning puts checkpoint callbacks last), so a checkpoint never holds a step without a record."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, explore=None) -> None:
+        self.path, self.explore = path, explore
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -112,6 +114,10 @@ class StepLog(L.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         record = {short: metrics[key] for key, short in STEP_KEYS.items() if key in metrics}
+        if self.explore is not None:
+            dsd, advantages = self.explore.step_dispersions()
+            record.update(dsd_values=[round(v, 5) for v in dsd.tolist()],
+                          adv_values=[round(v, 4) for v in advantages.tolist()])
         self.write({"step": trainer.fit_loop.epoch_loop._batches_that_stepped, **record})
 
     def on_validation_end(self, trainer, *args) -> None:
@@ -155,10 +161,10 @@ def train(args: argparse.Namespace, arm_name: str, seed: int) -> None:
     callbacks = [cb for cb in cli.trainer.callbacks if not isinstance(cb, ModelCheckpoint)]
     [(index, explore)] = [(i, cb) for i, cb in enumerate(callbacks) if isinstance(cb, LatentExploration)]
     [given] = [c for c in cli.config.trainer.callbacks if c.class_path.endswith("LatentExploration")]
-    callbacks[index] = LatentExploration(**{**dict(given.init_args or {}), **arm.explore})
+    callbacks[index] = explore = LatentExploration(**{**dict(given.init_args or {}), **arm.explore})
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", every_n_train_steps=args.checkpoint_every,
                                  save_last=True, save_top_k=0)
-    cli.trainer.callbacks = [*callbacks, StepLog(records), checkpoint]
+    cli.trainer.callbacks = [*callbacks, StepLog(records, explore), checkpoint]
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path="last" if last.exists() else None)
     StepLog(records).write({"done": True, "seconds": time.perf_counter() - start, "resumed_from": resume_step})
@@ -267,6 +273,40 @@ def length_adjusted_ratio(method_runs: dict, grpo_runs: dict) -> float:
     return float(np.exp(coef[2]))
 
 
+GATE_RULES = {  # name -> the bound of a step given its DSDs and the first step's (a quantile is the step's own)
+    "absolute 25": lambda values, first: 25.0,
+    "relative 2x": lambda values, first: 2.0 * statistics.median(first),
+    "relative 3x": lambda values, first: 3.0 * statistics.median(first),
+    "quantile 0.9": lambda values, first: quantile(values, 0.9),
+    "quantile 0.8": lambda values, first: quantile(values, 0.8),
+}
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    return ordered[low] + (ordered[min(low + 1, len(ordered) - 1)] - ordered[low]) * (position - low)
+
+
+def gate_rates(steps: list[dict]) -> dict[str, tuple[float, float, float]]:
+    """For each rule of :data:`GATE_RULES`, over the steps that recorded their DSDs: the mean share of valid
+    responses it gates (over the bound with A > 0, as ``gate_positive_only``), its range over steps, and the share of
+    steps in which it gates at least one."""
+    recorded = [s for s in steps if s.get("dsd_values")]
+    if not recorded:
+        return {}
+    first = recorded[0]["dsd_values"]
+    rates = {}
+    for name, bound in GATE_RULES.items():
+        shares = []
+        for s in recorded:
+            xi = bound(s["dsd_values"], first)
+            shares.append(statistics.fmean(d > xi and a > 0 for d, a in zip(s["dsd_values"], s["adv_values"])))
+        rates[name] = (statistics.fmean(shares), min(shares), max(shares), statistics.fmean(x > 0 for x in shares))
+    return rates
+
+
 def report(records: Path) -> str:
     runs: dict[str, dict[int, list[dict]]] = {}
     for path in sorted(records.glob("*-seed*.jsonl")):
@@ -306,6 +346,15 @@ def report(records: Path) -> str:
             lines.append(f"| {arm} | {','.join(map(str, seeds))} | {paired['mean']:+.3f} [{low:+.3f}, {high:+.3f}] | "
                          + ", ".join(f"{d:+.3f}" for d in paired["per_seed"].values())
                          + f" | {held_text[0]} | {held_text[1]} | {ratio:.2f}x | {entropy:.2f}x |")
+    gates = {name: gate_rates(steps) for arm in order for seed, steps in sorted(runs[arm].items())
+             if (name := run_name(arm, seed)) and gate_rates(steps)}
+    if gates:
+        lines += ["", "Which bound would gate 5-30% of the valid responses (DSD > xi and A > 0), measured on each run's own "
+                  "DSDs: mean share [min, max over steps], share of steps gating any", "",
+                  "| run | " + " | ".join(GATE_RULES) + " |", "|" + "---|" * (len(GATE_RULES) + 1)]
+        for name, rates in gates.items():
+            lines.append(f"| {name} | " + " | ".join(f"{m:.3f} [{lo:.2f}, {hi:.2f}], {any_:.0%}"
+                                                     for m, lo, hi, any_ in rates.values()) + " |")
     plot(runs, records, records / "relax_vs_grpo.png")
     return "\n".join(lines)
 
@@ -341,7 +390,8 @@ def plot(runs: dict[str, dict[int, list[dict]]], records: Path, path: Path) -> N
         ax.set_xlabel("step")
         if log and ax.lines:
             ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     for ax, metric in zip(axes[:, 4], ("mean@1", "mean@k")):
         names, values, errors = [], [], []
         for arm, seeds in runs.items():

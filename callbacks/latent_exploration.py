@@ -83,15 +83,44 @@ class StepRecord:
     """Per-step sums for the metrics LatentExploration logs at the end of each step."""
 
     dsd: list[Tensor] = field(default_factory=list)
+    advantages: list[Tensor] = field(default_factory=list)  # of the same (valid) rows
     l_xp: float = 0.0
     mini_batches: int = 0
     rows: int = 0
     valid: int = 0
+    over: int = 0  # valid responses over xi
     gated: int = 0
     xi: list[float] = field(default_factory=list)
     xp_grad_sq: Tensor | float = 0.0
     rest_grad_sq: Tensor | float = 0.0
+    mini_xp_grad_sq: Tensor | float = 0.0  # the running optimiser step's, for the alpha controller
+    mini_rest_grad_sq: Tensor | float = 0.0
     seconds: float = 0.0
+
+
+@dataclass
+class AlphaController:
+    """Steers alpha so that ``relax/grad_share`` stays near ``target`` (opt-in; beyond the paper, which fixes alpha).
+
+    grad_share is proportional to alpha on a given batch (it is ``alpha |dL_xp/dh| / |d rest/dh|``), so each
+    optimiser step yields a sensitivity ``share / alpha``; its running mean ``S`` (``S <- (1 - rate) S + rate s``)
+    sets the next alpha multiplicatively, ``alpha <- alpha * (target / (alpha S))``, i.e. ``target / S``, bounded by
+    ``bounds``. A step in which nothing could move (no row with A > 0 and a DSD under xi) leaves both unchanged."""
+
+    target: float
+    bounds: tuple[float, float]
+    rate: float = 0.3
+    sensitivity: float | None = None  # running mean of share / alpha
+
+    def update(self, alpha: float, share: float) -> float:
+        """The alpha of the next optimiser step, after one in which ``alpha`` gave ``share``."""
+        if not (alpha > 0 and share > 0 and math.isfinite(share)):
+            return alpha
+        measured = share / alpha
+        self.sensitivity = measured if self.sensitivity is None else (
+            (1 - self.rate) * self.sensitivity + self.rate * measured)
+        low, high = self.bounds
+        return min(max(alpha * self.target / (alpha * self.sensitivity), low), high)
 
 
 class LatentExploration(RLVRCallback):
@@ -120,12 +149,20 @@ class LatentExploration(RLVRCallback):
     ``relax/grad_share`` (docs/method.md, "Strength").
 
     Logged once per step: ``relax/dsd_mean|median|p90`` (valid DSDs of the update's forwards), ``relax/valid_frac``,
-    ``relax/gated_frac``, ``relax/xi``, ``relax/l_xp`` (mean over mini-batches), ``relax/grad_share`` (norm of
-    ``alpha * L_xp``'s gradient at the final hidden states over the norm of every other term's gradient there) and
-    ``timing_s/dsd`` (DSD forward time; its backward is in ``timing_s/update``).
+    ``relax/over_frac`` (valid responses over xi), ``relax/gated_frac`` (gated responses, of all), ``relax/xi``,
+    ``relax/alpha``, ``relax/l_xp`` (mean over mini-batches), ``relax/grad_share`` (norm of ``alpha * L_xp``'s
+    gradient at the final hidden states over the norm of every other term's gradient there) and ``timing_s/dsd``
+    (DSD forward time; its backward is in ``timing_s/update``).
+
+    With ``grad_share_target`` set (opt-in, beyond the paper: docs/method.md, "Strength under control"), ``alpha``
+    is only the starting value: after every optimiser step :class:`AlphaController` sets the next one so that
+    ``relax/grad_share`` stays near the target, within ``alpha_bounds``; its state is checkpointed, so a resumed run
+    continues with the same alpha. ``relax/alpha`` logs the alpha of each step's last optimiser step.
 
     Args:
-        alpha: weight of ``L_xp`` (paper: 0.1).
+        alpha: weight of ``L_xp`` (paper: 0.1); the starting value when ``grad_share_target`` is set.
+        grad_share_target: steer alpha so that grad_share stays near this value; None keeps alpha fixed (the paper).
+        alpha_bounds: the range the controller keeps alpha in.
         xi, xi_mode, xi_scale, xi_quantile: the over-dispersion bound, see above.
         kl_coef: weight of the gated KL (paper's beta: 0.01); 0 turns it off and skips the reference forward.
         gate_positive_only: gate only positive-advantage responses.
@@ -143,6 +180,8 @@ class LatentExploration(RLVRCallback):
     def __init__(
         self,
         alpha: float = 0.1,
+        grad_share_target: Optional[float] = None,
+        alpha_bounds: tuple[float, float] = (0.01, 5.0),
         xi: float = 25.0,
         xi_mode: Literal["absolute", "relative", "quantile"] = "absolute",
         xi_scale: float = 2.0,
@@ -162,7 +201,15 @@ class LatentExploration(RLVRCallback):
                 f"LatentExploration needs alpha >= 0, kl_coef >= 0, xi_scale > 0, 0 < xi_quantile < 1 and eps > 0; "
                 f"got {alpha=}, {kl_coef=}, {xi_scale=}, {xi_quantile=}, {eps=}"
             )
+        if grad_share_target is not None and not (grad_share_target > 0 and 0 < alpha_bounds[0] <= alpha_bounds[1]):
+            raise ValueError(
+                f"LatentExploration needs grad_share_target > 0 and 0 < alpha_bounds[0] <= alpha_bounds[1]; got "
+                f"{grad_share_target=}, {alpha_bounds=}"
+            )
+        if grad_share_target is not None and alpha <= 0:
+            raise ValueError(f"LatentExploration(grad_share_target=...) needs a starting alpha > 0, got {alpha}")
         self.alpha, self.xi, self.xi_mode, self.xi_scale, self.xi_quantile = alpha, xi, xi_mode, xi_scale, xi_quantile
+        self.controller = None if grad_share_target is None else AlphaController(grad_share_target, alpha_bounds)
         self.kl_coef, self.gate_positive_only = kl_coef, gate_positive_only
         self.n_min, self.eps, self.spectrum = n_min, eps, spectrum
         self.calibrated_median: float | None = None  # xi_mode="relative": median DSD of the fitted-on responses
@@ -207,6 +254,7 @@ class LatentExploration(RLVRCallback):
     def on_mini_batch_start(self, trainer: L.Trainer, module: L.LightningModule, mini_batch: MiniBatch) -> None:
         """Count the mini-batch's groups and valid responses; measure ahead (no grad) the DSD of the rows whose
         group micro-batches split, or of every row for a quantile bound, so that the terms are whole-group ones."""
+        self.end_optimizer_step()  # the previous mini-batch's (a no-op before the step's first)
         fit = find_koopman_fit(trainer, "LatentExploration")
         rollout, rows = mini_batch.rollout, mini_batch.rows
         valid = torch.zeros(len(rollout), dtype=torch.bool, device=rows.device)
@@ -258,7 +306,9 @@ class LatentExploration(RLVRCallback):
                 (grad,) = torch.autograd.grad(self.alpha * l_xp, hidden)
             else:  # no row can move (none valid with A > 0 and under xi)
                 grad = torch.zeros_like(hidden)
-            self._step.xp_grad_sq = self._step.xp_grad_sq + grad.float().square().sum()
+            squared = grad.float().square().sum()
+            self._step.xp_grad_sq = self._step.xp_grad_sq + squared
+            self._step.mini_xp_grad_sq = self._step.mini_xp_grad_sq + squared
             surrogate = (forward.hidden * grad.to(forward.hidden.dtype)).sum()
             losses["relax/xp_loss"] = self.alpha * l_xp.detach().float() + surrogate - surrogate.detach()
             if forward.head_hidden is not None and forward.head_hidden.requires_grad:
@@ -272,7 +322,7 @@ class LatentExploration(RLVRCallback):
             if gate.any():  # the reference forward runs over the gated responses only
                 gated[gate] = forward.reference_kl(gate).to(gated.dtype)
             losses["relax/gated_kl_loss"] = self.kl_coef * forward.aggregate(gated)
-        self.record(detached, valid, gate, xi, float(l_xp.detach()))
+        self.record(detached, valid, over, gate, xi, float(l_xp.detach()), forward.advantages)
         return LossTerms(losses=losses)
 
     @override
@@ -281,8 +331,18 @@ class LatentExploration(RLVRCallback):
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        alpha = self.alpha  # the alpha this step's last optimiser step used
+        self.end_optimizer_step()
+        pl_module.log("relax/alpha", alpha, batch_size=1)
         pl_module.log("timing_s/dsd", self._step.seconds, batch_size=1)
         pl_module.log_dict(self.step_metrics(), batch_size=1)
+
+    def step_dispersions(self) -> tuple[Tensor, Tensor]:
+        """The DSDs of the step's valid responses, as the update measured them, and their advantages (one pair per
+        update forward of a response: ``ppo_epochs`` of them), to compare over-dispersion bounds offline."""
+        if not self._step.dsd:
+            return torch.zeros(0), torch.zeros(0)
+        return torch.cat(self._step.dsd).float(), torch.cat(self._step.advantages).float()
 
     def step_metrics(self) -> dict[str, float]:
         """The ``relax/*`` metrics of the step so far (empty before its first update micro-batch)."""
@@ -293,6 +353,7 @@ class LatentExploration(RLVRCallback):
         metrics = {
             "relax/valid_frac": step.valid / step.rows,
             "relax/gated_frac": step.gated / step.rows,
+            "relax/over_frac": step.over / max(step.valid, 1),
             "relax/xi": sum(step.xi) / len(step.xi),
             "relax/l_xp": step.l_xp / max(step.mini_batches, 1),
         }
@@ -346,13 +407,27 @@ class LatentExploration(RLVRCallback):
         )
 
     def _record_rest_gradient(self, grad: Tensor) -> None:
-        self._step.rest_grad_sq = self._step.rest_grad_sq + grad.detach().float().square().sum()
+        squared = grad.detach().float().square().sum()
+        self._step.rest_grad_sq = self._step.rest_grad_sq + squared
+        self._step.mini_rest_grad_sq = self._step.mini_rest_grad_sq + squared
 
-    def record(self, values: Tensor, valid: Tensor, gate: Tensor, xi: float, l_xp: float) -> None:
+    def end_optimizer_step(self) -> None:
+        """Let the controller set the next alpha from the optimiser step that just ended (its backward is done)."""
+        step = self._step
+        if self.controller is not None and float(step.mini_rest_grad_sq) > 0:
+            share = math.sqrt(float(step.mini_xp_grad_sq) / float(step.mini_rest_grad_sq))
+            self.alpha = self.controller.update(self.alpha, share)
+        step.mini_xp_grad_sq, step.mini_rest_grad_sq = 0.0, 0.0
+
+    def record(
+        self, values: Tensor, valid: Tensor, over: Tensor, gate: Tensor, xi: float, l_xp: float, advantages: Tensor
+    ) -> None:
         step = self._step
         step.dsd.append(values[valid].cpu())
+        step.advantages.append(advantages[valid].detach().cpu())
         step.rows += len(valid)
         step.valid += int(valid.sum())
+        step.over += int(over.sum())
         step.gated += int(gate.sum())
         step.xi.append(xi)
         step.l_xp += l_xp
@@ -360,8 +435,13 @@ class LatentExploration(RLVRCallback):
     # ------------------------------------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"calibrated_median": self.calibrated_median}
+        state: dict[str, Any] = {"calibrated_median": self.calibrated_median}
+        if self.controller is not None:
+            state.update(alpha=self.alpha, sensitivity=self.controller.sensitivity)
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.calibrated_median = state_dict.get("calibrated_median")
+        if self.controller is not None and "alpha" in state_dict:
+            self.alpha, self.controller.sensitivity = state_dict["alpha"], state_dict["sensitivity"]

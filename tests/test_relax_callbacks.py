@@ -333,3 +333,50 @@ def test_token_level_baselines_act(tmp_path, tiny_model, grpo_run, objective, up
         main(["fit", "--config", str(recipe(tmp_path / "without", tiny_model, [], update, **without))])
         baseline = tmp_path / "without"
     assert weight_change(final_weights(tmp_path / "with"), final_weights(baseline)) > 1e-6
+
+
+# ----------------------------------------------------------------------------------------- strength under control
+def test_alpha_controller_reaches_the_target_and_stays_in_bounds():
+    from relax_pl.callbacks.latent_exploration import AlphaController
+
+    controller = AlphaController(target=0.1, bounds=(0.01, 5.0), rate=1.0)
+    # grad_share is proportional to alpha: with a sensitivity of 2 per unit alpha, 0.05 reaches the target at once
+    assert controller.update(alpha=0.5, share=1.0) == pytest.approx(0.05)
+    assert controller.update(alpha=0.05, share=0.0) == 0.05  # nothing could move: alpha and state unchanged
+    assert controller.sensitivity == 2.0
+    assert AlphaController(0.1, (0.01, 5.0)).update(alpha=0.5, share=1e-6) == 5.0  # bounded above
+    assert AlphaController(0.1, (0.01, 5.0)).update(alpha=0.5, share=1e3) == 0.01  # and below
+    smoothed = AlphaController(target=0.1, bounds=(0.01, 5.0), rate=0.3)
+    smoothed.update(0.5, 1.0)
+    assert smoothed.update(0.05, 0.2) == pytest.approx(0.1 / (0.7 * 2.0 + 0.3 * 4.0))  # a running mean of s
+    with pytest.raises(ValueError, match="grad_share_target > 0"):
+        LatentExploration(grad_share_target=0.0)
+
+
+def test_grad_share_target_steers_alpha_and_resumes_exactly(tmp_path, tiny_model):
+    """A tiny model starts with an alpha 100x too weak: grad_share starts far below the target and comes to it
+    while the weights move; the controller's state is in the checkpoint and a resumed run continues from it."""
+    target = 0.5
+    callbacks = [
+        RELAX_CALLBACKS[0],
+        {"class_path": "relax_pl.callbacks.LatentExploration",
+         "init_args": {"alpha": 0.001, "grad_share_target": target, "alpha_bounds": [1e-4, 5.0], "n_min": N_MIN,
+                       "kl_coef": 0.0}},
+    ]
+    config = recipe(tmp_path, tiny_model, callbacks)
+    main(["fit", "--config", str(config), "--trainer.max_steps", "4"])
+    scalars, _ = tensorboard_logs(tmp_path)
+    shares, alphas = scalars["relax/grad_share"], scalars["relax/alpha"]
+    assert len(shares) == len(alphas) == 4 and alphas[0] == pytest.approx(0.001)
+    assert shares[0] < target / 10  # far off at the start
+    assert all(abs(math.log(s / target)) < abs(math.log(shares[0] / target)) / 2 for s in shares[1:])
+    assert alphas[-1] > 10 * alphas[0]
+    start = {f"policy.{k}": v for k, v in load_causal_lm(str(tiny_model)).state_dict().items()}
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert weight_change(first["state_dict"], start) > 1e-4  # the weights moved
+    state = first["callbacks"]["LatentExploration"]
+    assert state["alpha"] > 10 * 0.001 and state["sensitivity"] > 0
+
+    main(["fit", "--config", str(config), "--trainer.max_steps", "5", "--ckpt_path", "last"])
+    scalars, _ = tensorboard_logs(tmp_path)
+    assert scalars["relax/alpha"][-1] == pytest.approx(state["alpha"])  # step 5 runs with the saved alpha
