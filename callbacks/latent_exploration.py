@@ -65,6 +65,15 @@ def latent_exploration_loss(
     return torch.where(valid, per_row, 0.0).sum() / num_groups
 
 
+def most_rows_of_any_rank(rows: int, device: torch.device) -> int:
+    """The largest ``rows`` over the ranks of the process group (``rows`` itself without one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    count = torch.tensor([rows], device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count)
+
+
 @dataclass
 class MiniBatchDispersion:
     """What LatentExploration knows of a mini-batch before its first micro-batch."""
@@ -274,9 +283,18 @@ class LatentExploration(RLVRCallback):
             ahead = rows if self.xi_mode == "quantile" else mini_batch.split_rows
             ahead = ahead[valid[ahead]]
             start = time.perf_counter()
+            measured = len(ahead)
+            if module.model_setup.lockstep:
+                # Sharded forwards are collectives: every rank must run as many. A rank with fewer valid rows ahead
+                # (more short responses) pads them with repeats of its first row, whose results are not kept.
+                padding = most_rows_of_any_rank(measured, rows.device) - measured
+                ahead = torch.cat([ahead, rows[:1].repeat(padding)])
+            done = 0
             for part in mini_batch.forward(ahead, True):
                 values, _ = self.dispersion(fit, part.hidden, part.response_mask, module.sampling.max_new_tokens)
-                stats.known[part.rows] = values.detach()
+                real = torch.arange(done, done + len(part.rows), device=rows.device) < measured
+                stats.known[part.rows[real]] = values.detach()[real]
+                done += len(part.rows)
             self._step.seconds += time.perf_counter() - start
             if self.xi_mode == "quantile":
                 measured = stats.known[rows][valid[rows]]

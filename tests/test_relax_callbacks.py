@@ -380,3 +380,65 @@ def test_grad_share_target_steers_alpha_and_resumes_exactly(tmp_path, tiny_model
     main(["fit", "--config", str(config), "--trainer.max_steps", "5", "--ckpt_path", "last"])
     scalars, _ = tensorboard_logs(tmp_path)
     assert scalars["relax/alpha"][-1] == pytest.approx(state["alpha"])  # step 5 runs with the saved alpha
+
+
+# ----------------------------------------------------------------------------------------- lockstep look-ahead
+class SplitRollout:
+    """What LatentExploration.on_mini_batch_start reads of a rollout: 2 prompts x 4 responses of 24 tokens."""
+
+    def __init__(self, short_rows: list[int]) -> None:
+        self.group_size = 4
+        self.group_index = torch.arange(8) // 4
+        self.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2)
+        self.response_mask = torch.ones(8, 24, dtype=torch.bool)
+        self.response_mask[short_rows, 3:] = False  # 2 transitions: no DSD
+
+    def __len__(self) -> int:
+        return 8
+
+
+def lookahead_on_rank(rank: int, port: int, short_rows: list[list[int]], out: str) -> None:
+    """One of two gloo ranks: a mini-batch whose groups micro-batches of 2 split, with this rank's short rows. Each
+    look-ahead forward runs a collective, as an FSDP forward's all-gathers do."""
+    import json
+    import os
+    from datetime import timedelta
+
+    from relax_pl.extension import DetachedForward, MiniBatch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=20))
+    hidden = torch.randn(8, 24, D_MODEL, generator=torch.Generator().manual_seed(rank))
+    collectives = []
+
+    def forward(rows, keep_hidden):
+        for part in rows.split(2):
+            torch.distributed.all_reduce(torch.ones(1))  # every rank must get here as often
+            collectives.append(len(part))
+            yield DetachedForward(part, torch.zeros(len(part), 24), rollout.response_mask[part], hidden[part])
+
+    rollout = SplitRollout(short_rows[rank])
+    mini_batch = MiniBatch.cut(rollout, torch.arange(8), 2, "token-mean", forward)
+    fit, explore = fitted_koopman(), LatentExploration(alpha=1.0, n_min=N_MIN, kl_coef=0.0)
+    module = SimpleNamespace(model_setup=SimpleNamespace(lockstep=True), sampling=SimpleNamespace(max_new_tokens=24))
+    explore.on_train_batch_start(None)
+    explore.on_mini_batch_start(SimpleNamespace(callbacks=[fit, explore]), module, mini_batch)
+    known = explore._mini.known
+    assert known.isnan().tolist() == [i in short_rows[rank] for i in range(8)]  # padding results were not kept
+    Path(out, f"rank{rank}.json").write_text(json.dumps(collectives))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_split_groups_under_lockstep_run_as_many_lookahead_forwards_on_every_rank(tmp_path):
+    """Rank 0 has 8 rows with a DSD to measure ahead (4 forwards of 2), rank 1 only 5 (3 forwards): rank 1 pads its
+    rows to 8, so the sharded forwards' collectives pair up instead of hanging, and keeps only its own results."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(lookahead_on_rank, args=(port, [[], [1, 2, 6]], str(tmp_path)), nprocs=2)
+    counts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert counts == [[2, 2, 2, 2], [2, 2, 2, 2]]  # rank 1: its 5 valid rows and 3 padding rows
