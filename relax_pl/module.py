@@ -155,6 +155,12 @@ class RLVRModule(L.LightningModule):
     def check_update_plan(self, prompts_per_step: int | None) -> None:
         """Refuse update settings that would silently compute something else than asked (before any weights load)."""
         group, mini = self.sampling.num_responses, self.update.mini_batch_size
+        if group < 2:
+            raise ValueError(
+                f"model.sampling.num_responses={group}: GRPO's advantage is relative to the prompt's group, so a group "
+                "of one has advantage 0 and trains nothing; use 2 or more (model.validation.num_responses sets how "
+                "many answers validation samples)"
+            )
         if mini is not None and mini % group:
             raise ValueError(
                 f"model.update.mini_batch_size={mini} is not a multiple of model.sampling.num_responses={group}: an "

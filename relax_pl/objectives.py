@@ -23,11 +23,11 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, scale:
 
     ``rewards`` is ``(N,)`` with the ``group_size`` responses of a prompt stored contiguously.
     ``std_g`` is the unbiased standard deviation (as in verl and TRL). With ``scale=False`` the advantage is
-    only centred (Dr. GRPO).
+    only centred (Dr. GRPO). A floating-point input keeps its dtype (float64 rewards give float64 advantages).
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
-    grouped = rewards.float().view(-1, group_size)
+    grouped = rewards.view(-1, group_size) if rewards.is_floating_point() else rewards.float().view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale and group_size > 1:
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
@@ -41,12 +41,18 @@ def uniform_groups(rewards: Tensor, group_size: int) -> Tensor:
     return (grouped == grouped[:, :1]).all(dim=1)
 
 
+K3_CAP = 10.0  # verl's cap on the k3 estimate
+
+
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") -> Tensor:
     """Per-token estimate of KL(pi_theta || pi_ref) from sampled-token log-probs (Schulman's k1/k2/k3).
 
     k1 = ``logp - ref``; k2 = ``(logp - ref)^2 / 2``; k3 ("low_var_kl") = ``exp(ref - logp) - (ref - logp) - 1``.
-    k3 is unbiased, non-negative and has low variance; its log-ratio is clamped to [-20, 20] (as in verl) so
-    one extreme token cannot overflow the exponential.
+    k3 is unbiased, non-negative and has low variance. It is clamped as verl's ``low_var_kl`` is: the log-ratio to
+    [-20, 20], so one extreme token cannot overflow the exponential, and the estimate to at most
+    :data:`K3_CAP` = 10, so a token the reference finds far more likely (``ref - logp`` above ~2.5) or far less
+    likely (below ~-11) adds a bounded penalty and no gradient. TRL does not clamp; with the cap relax_pl's KL
+    term equals verl's token for token.
     """
     log_ratio = logp - ref_logp
     if estimator == "k1":
@@ -55,7 +61,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") ->
         return 0.5 * log_ratio.square()
     if estimator == "k3":
         neg = torch.clamp(-log_ratio, -20.0, 20.0)
-        return torch.exp(neg) - neg - 1.0
+        return torch.clamp(torch.exp(neg) - neg - 1.0, max=K3_CAP)
     raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
 
 

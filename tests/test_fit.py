@@ -246,3 +246,13 @@ def test_rlvr_module_imports_no_callback():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_a_group_of_one_is_refused_for_training(tmp_path, tiny_model, monkeypatch):
+    """num_responses 1 would train on zero advantages without a word: refused before any weights load."""
+    import relax_pl.setups
+
+    monkeypatch.setattr(relax_pl.setups, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    recipe = write_recipe(tmp_path, tiny_model)
+    with pytest.raises(ValueError, match=r"model.sampling.num_responses=1: GRPO's advantage is relative to the"):
+        main(["fit", "--config", str(recipe), "--model.sampling.num_responses", "1"])

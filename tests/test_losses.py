@@ -101,8 +101,8 @@ def test_ppo_clip_logs_its_clip_fractions_and_nothing_else():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.0, 1.0]]))
     mask = torch.tensor([[True, True, True, False]])
     out = PPOClip(clip_low=0.2, clip_high=0.3)(LossInput(logp, torch.zeros(1, 4), torch.tensor([2.0]), mask))
-    assert set(out.metrics) == {"actor/pg_clipfrac_lower", "actor/pg_clipfrac_higher", "actor/pg_clipfrac"}
-    assert float(out.metrics["actor/pg_clipfrac_higher"]) == pytest.approx(1 / 3)  # ratio 1.5 of three tokens
+    assert set(out.metrics) == {"actor/pg_clipfrac_low", "actor/pg_clipfrac_high", "actor/pg_clipfrac"}
+    assert float(out.metrics["actor/pg_clipfrac_high"]) == pytest.approx(1 / 3)  # ratio 1.5 of three tokens
     assert float(out.metrics["actor/pg_clipfrac"]) == pytest.approx(1 / 3)
 
 
@@ -151,7 +151,7 @@ def test_gspo_sequence_ratio_hand_computed():
     assert float(total) == pytest.approx((-1.0004 + 2 * s1) / 2, rel=1e-12)
     total.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, 0.0], [s1 / 2, s1 / 2, 0.0]], dtype=torch.float64))
-    assert float(out.metrics["actor/pg_clipfrac_higher"]) == pytest.approx(3 / 5)  # row 0's three of five tokens
+    assert float(out.metrics["actor/pg_clipfrac_high"]) == pytest.approx(3 / 5)  # row 0's three of five tokens
 
 
 def test_gspo_token_form_has_the_sequence_objectives_gradient():

@@ -97,3 +97,23 @@ def test_the_written_out_logprob_entropy_backward_is_the_derivative():
     log_p = torch.log_softmax(logits, -1)
     (expected,) = torch.autograd.grad(-(log_p.exp() * log_p).sum(), logits)
     torch.testing.assert_close(grad, expected)
+
+
+def test_group_advantages_keep_the_rewards_dtype():
+    rewards = torch.tensor([0.1, 0.2, 0.7, 1e-9, 0.0, 0.0], dtype=torch.float64)
+    advantages = obj.group_advantages(rewards, 3)
+    assert advantages.dtype == torch.float64
+    # 1e-9 survives in float64 (float32 keeps it too, but not next to 1.0: the point is no rounding to float32)
+    expected = (rewards[3:] - rewards[3:].mean()) / (rewards[3:].std() + 1e-6)
+    assert torch.equal(advantages[3:], expected)
+    assert obj.group_advantages(torch.tensor([0, 1, 1, 0]), 2).dtype == torch.float32  # integers become float32
+
+
+def test_k3_is_capped_as_verl_caps_it():
+    # ref - logp = 5: k3 = e^5 - 5 - 1 = 142.4, capped at 10 as verl's low_var_kl is; below the cap, unchanged
+    logp = torch.tensor([-6.0, -1.0], requires_grad=True)
+    k3 = obj.kl_penalty(logp, torch.tensor([-1.0, -1.5]), "k3")
+    assert k3[0].item() == obj.K3_CAP == 10.0
+    assert k3[1].item() == pytest.approx(math.exp(-0.5) + 0.5 - 1)
+    k3.sum().backward()
+    assert logp.grad[0] == 0 and logp.grad[1] != 0

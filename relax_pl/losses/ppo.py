@@ -34,16 +34,20 @@ def clipped_surrogate(
 
 
 def clip_fractions(active: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
-    """The share of response tokens the clip cut from below, from above, and in all (verl's names)."""
+    """The share of response tokens the clip cut from below (A < 0), from above (A > 0), and in all.
+
+    ``actor/pg_clipfrac`` is verl's figure (tokens where the clipped term won). The two sides are named ``_low`` and
+    ``_high``, not verl's ``pg_clipfrac_lower``, which in verl is the share of tokens its dual clip (``clip_ratio_c``)
+    capped: relax_pl's PPOClip has no dual clip."""
     lower = masked_mean(active["clipped_low"].float(), mask)
     higher = masked_mean(active["clipped_high"].float(), mask)
-    return {"actor/pg_clipfrac_lower": lower, "actor/pg_clipfrac_higher": higher, "actor/pg_clipfrac": lower + higher}
+    return {"actor/pg_clipfrac_low": lower, "actor/pg_clipfrac_high": higher, "actor/pg_clipfrac": lower + higher}
 
 
 class PPOClip(PolicyLoss):
     """PPO's clipped surrogate (:func:`clipped_surrogate`), with DAPO's clip-higher when ``clip_high > clip_low``.
 
-    Logs ``actor/pg_clipfrac_lower``, ``actor/pg_clipfrac_higher`` and ``actor/pg_clipfrac``.
+    Logs ``actor/pg_clipfrac_low``, ``actor/pg_clipfrac_high`` and ``actor/pg_clipfrac``.
 
     Args:
         clip_low: the ratio's lower bound is ``1 - clip_low`` (for A < 0).
