@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 import lightning as L
 import torch
 from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from relax_pl.callbacks.koopman_fit import KoopmanFit, find_koopman_fit
@@ -65,6 +66,16 @@ def latent_exploration_loss(
     return torch.where(valid, per_row, 0.0).sum() / num_groups
 
 
+def disable_dropout(model: torch.nn.Module) -> list[str]:
+    """Set every dropout probability in ``model`` to 0; returns the probabilities it changed (``"p=0.05 x 14"``)."""
+    changed: dict[float, int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            changed[module.p] = changed.get(module.p, 0) + 1
+            module.p = 0.0
+    return [f"p={p:g} x {count}" for p, count in changed.items()]
+
+
 def most_rows_of_any_rank(rows: int, device: torch.device) -> int:
     """The largest ``rows`` over the ranks of the process group (``rows`` itself without one)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -104,6 +115,7 @@ class StepRecord:
     rest_grad_sq: Tensor | float = 0.0
     mini_xp_grad_sq: Tensor | float = 0.0  # the running optimiser step's, for the alpha controller
     mini_rest_grad_sq: Tensor | float = 0.0
+    lookahead_gap: float | None = None  # largest |DSD of the update - DSD measured ahead| of a split group's row
     seconds: float = 0.0
 
 
@@ -159,7 +171,8 @@ class LatentExploration(RLVRCallback):
 
     Logged once per step: ``relax/dsd_mean|median|p90`` (valid DSDs of the update's forwards), ``relax/valid_frac``,
     ``relax/over_frac`` (valid responses over xi), ``relax/gated_frac`` (gated responses, of all), ``relax/xi``,
-    ``relax/alpha``, ``relax/l_xp`` (mean over mini-batches), ``relax/grad_share`` (norm of ``alpha * L_xp``'s
+    ``relax/alpha``, ``relax/lookahead_dsd_gap`` (split groups: the largest difference between a row's DSD measured
+    ahead and in the update, 0 up to rounding), ``relax/l_xp`` (mean over mini-batches), ``relax/grad_share`` (norm of ``alpha * L_xp``'s
     gradient at the final hidden states over the norm of every other term's gradient there) and ``timing_s/dsd``
     (DSD forward time; its backward is in ``timing_s/update``).
 
@@ -233,6 +246,15 @@ class LatentExploration(RLVRCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":  # before any model is loaded
             find_koopman_fit(trainer, "LatentExploration")
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Switch the policy's dropout off (a LoRA adapter's 0.05, say): a split group's DSDs measured ahead and those
+        of the update's forward must be the same numbers, and with dropout each forward draws other masks."""
+        switched = disable_dropout(pl_module.policy)
+        if switched:
+            rank_zero_info(f"LatentExploration: dropout off in the policy ({', '.join(switched)}): its look-ahead and "
+                           "update forwards must see the same hidden states")
 
     # ------------------------------------------------------------------------------------------------ hooks
     @override
@@ -314,6 +336,12 @@ class LatentExploration(RLVRCallback):
         with torch.enable_grad():
             values, valid = self.dispersion(fit, hidden, forward.response_mask, forward.max_new_tokens)
         detached = values.detach()
+        if self._mini is not None and forward.rows is not None:
+            ahead = self._mini.known[forward.rows]
+            measured = ~ahead.isnan() & valid
+            if measured.any():  # the same rows, the same weights: the two forwards must agree
+                gap = (detached[measured].double() - ahead[measured]).abs().max()
+                self._step.lookahead_gap = max(self._step.lookahead_gap or 0.0, float(gap))
         xi = self.threshold(detached, valid)
         over = valid & (detached > xi)
         with torch.enable_grad():
@@ -383,6 +411,8 @@ class LatentExploration(RLVRCallback):
                     "relax/dsd_p90": float(torch.quantile(kept, 0.9)),
                 }
             )
+        if step.lookahead_gap is not None:
+            metrics["relax/lookahead_dsd_gap"] = step.lookahead_gap
         if self.alpha > 0 and float(step.rest_grad_sq) > 0:
             metrics["relax/grad_share"] = math.sqrt(float(step.xp_grad_sq) / float(step.rest_grad_sq))
         return metrics
