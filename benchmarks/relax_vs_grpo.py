@@ -82,6 +82,10 @@ ARMS = {
         explore={"grad_share_target": 0.1, "xi_mode": "quantile", "xi_quantile": 0.8},
         note="alpha steered to grad_share 0.1 (the paper setting's push); the gate at the mini-batch's 80% quantile",
     ),
+    "ReLaX-target-fail": Arm(
+        explore={"grad_share_target": 0.1, "xi_mode": "quantile", "xi_quantile": 0.8, "failure_weighting": True},
+        note="ReLaX-target with each group's L_xp weighted by its share of failed answers (not in the default order)",
+    ),
     "Entropy": Arm(
         overrides=["--model.objective.entropy_coef=0.005"], explore=OBSERVE_ONLY,
         note="GRPO + a token-entropy bonus of 0.005",
@@ -369,7 +373,7 @@ def plot(runs: dict[str, dict[int, list[dict]]], records: Path, path: Path) -> N
               ("valid_frac", "responses with a defined DSD", False)]
     figure = Figure(figsize=(20, 7.5), dpi=100)
     axes = figure.subplots(2, 5)
-    colors = dict(zip(ARMS, ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:purple"]))
+    colors = dict(zip(ARMS, ["tab:blue", "tab:red", "tab:orange", "tab:brown", "tab:green", "tab:purple"]))
     for ax, (key, title, log) in zip([*axes[:, :4].flat], panels):
         for arm, seeds in runs.items():
             length = max(len(steps) for steps in seeds.values())

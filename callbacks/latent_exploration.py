@@ -29,6 +29,7 @@ def latent_exploration_loss(
     outside_log_sum: Tensor | None = None,
     group_valid_count: Tensor | None = None,
     num_groups: int | None = None,
+    group_weight: Tensor | None = None,
 ) -> Tensor:
     """The share of the rows given of the advantage-shaped log-mean-exp of DSD (paper Eq. 10), a loss to minimise:
 
@@ -46,6 +47,10 @@ def latent_exploration_loss(
     the group's other rows: ``outside_log_sum`` (per row: ``log sum exp(-z_j)`` over its group's valid rows that are
     not given here, ``-inf`` when there are none), ``group_valid_count`` (per row: ``n_g``) and ``num_groups``
     (``G``). Left out, the rows given are taken to be the whole mini-batch.
+
+    ``group_weight`` (per row: a weight of its group, e.g. its share of failed responses) multiplies each group's
+    term: ``(1/G) sum_g c_g [LSE_g - log n_g]``, a deviation from Eq. 10 (LatentExploration's
+    ``failure_weighting``); the shares still add up, ``c_g`` being constant over a group.
     """
     z = advantages.clamp(min=0).to(dispersion.dtype) * torch.where(over, dispersion.detach(), dispersion)
     z_detached = z.detach()
@@ -63,6 +68,8 @@ def latent_exploration_loss(
         return dispersion.new_zeros(())
     weight = torch.exp(-z_detached - log_sum)
     per_row = weight * (log_sum - group_valid_count.to(z.dtype).clamp(min=1).log() - z + z_detached)
+    if group_weight is not None:
+        per_row = per_row * group_weight.to(per_row.dtype)
     return torch.where(valid, per_row, 0.0).sum() / num_groups
 
 
@@ -96,6 +103,7 @@ class MiniBatchDispersion:
     group_valid_count: Tensor  # (N,) n_g of each row's group
     known: Tensor  # (N,) detached DSD of rows measured ahead (NaN elsewhere)
     xi: float | None = None  # the quantile bound over the mini-batch, when measured ahead
+    group_weight: Tensor | None = None  # (N,) failure_weighting: the share of failed responses in the row's group
 
 
 @dataclass
@@ -185,6 +193,10 @@ class LatentExploration(RLVRCallback):
         alpha: weight of ``L_xp`` (paper: 0.1); the starting value when ``grad_share_target`` is set.
         grad_share_target: steer alpha so that grad_share stays near this value; None keeps alpha fixed (the paper).
         alpha_bounds: the range the controller keeps alpha in.
+        failure_weighting: weight each group's ``L_xp`` term by its share of failed responses (reward at most
+            ``failure_threshold``), so the push goes where the group still fails; off by default (a deviation from
+            Eq. 10: docs/method.md, "Strength under control").
+        failure_threshold: the reward at or below which a response counts as failed.
         xi, xi_mode, xi_scale, xi_quantile: the over-dispersion bound, see above.
         kl_coef: weight of the gated KL (paper's beta: 0.01); 0 turns it off and skips the reference forward.
         gate_positive_only: gate only positive-advantage responses.
@@ -204,6 +216,8 @@ class LatentExploration(RLVRCallback):
         alpha: float = 0.1,
         grad_share_target: Optional[float] = None,
         alpha_bounds: tuple[float, float] = (0.01, 5.0),
+        failure_weighting: bool = False,
+        failure_threshold: float = 0.5,
         xi: float = 25.0,
         xi_mode: Literal["absolute", "relative", "quantile"] = "absolute",
         xi_scale: float = 2.0,
@@ -232,6 +246,7 @@ class LatentExploration(RLVRCallback):
             raise ValueError(f"LatentExploration(grad_share_target=...) needs a starting alpha > 0, got {alpha}")
         self.alpha, self.xi, self.xi_mode, self.xi_scale, self.xi_quantile = alpha, xi, xi_mode, xi_scale, xi_quantile
         self.controller = None if grad_share_target is None else AlphaController(grad_share_target, alpha_bounds)
+        self.failure_weighting, self.failure_threshold = failure_weighting, failure_threshold
         self.kl_coef, self.gate_positive_only = kl_coef, gate_positive_only
         self.n_min, self.eps, self.spectrum = n_min, eps, spectrum
         self.calibrated_median: float | None = None  # xi_mode="relative": median DSD of the fitted-on responses
@@ -300,6 +315,7 @@ class LatentExploration(RLVRCallback):
             valid=valid,
             group_valid_count=count[groups],
             known=torch.full((len(rollout),), math.nan, dtype=torch.float64, device=rows.device),
+            group_weight=self.failure_shares(rollout.rewards, groups) if self.failure_weighting else None,
         )
         if len(mini_batch.micro_batches) > 1:
             ahead = rows if self.xi_mode == "quantile" else mini_batch.split_rows
@@ -440,7 +456,9 @@ class LatentExploration(RLVRCallback):
         """This micro-batch's share of ``L_xp`` over whole groups (:func:`latent_exploration_loss`)."""
         mini = self._mini
         if mini is None or forward.rows is None:  # called outside an update: the rows given are the whole batch
-            return latent_exploration_loss(values, valid, over, forward.advantages, forward.group_index)
+            weight = self.failure_shares(forward.rewards, forward.group_index) if self.failure_weighting else None
+            return latent_exploration_loss(values, valid, over, forward.advantages, forward.group_index,
+                                           group_weight=weight)
         rows = forward.rows
         outside = mini.valid.clone()
         outside[rows] = False  # valid rows of the mini-batch in other micro-batches
@@ -452,7 +470,16 @@ class LatentExploration(RLVRCallback):
         return latent_exploration_loss(
             values, valid, over, forward.advantages, forward.group_index,
             outside_log_sum=log_sum, group_valid_count=mini.group_valid_count[rows], num_groups=mini.num_groups,
+            group_weight=None if mini.group_weight is None else mini.group_weight[rows],
         )
+
+    def failure_shares(self, rewards: Tensor, group_index: Tensor) -> Tensor:
+        """Per row, the share of its group's responses whose reward is at most ``failure_threshold``."""
+        failed = (rewards <= self.failure_threshold).float()
+        groups, inverse = group_index.unique(return_inverse=True)
+        totals = torch.zeros(len(groups), device=rewards.device).index_add_(0, inverse, failed)
+        counts = torch.zeros(len(groups), device=rewards.device).index_add_(0, inverse, torch.ones_like(failed))
+        return (totals / counts)[inverse]
 
     def _record_rest_gradient(self, grad: Tensor) -> None:
         squared = grad.detach().float().square().sum()

@@ -461,3 +461,37 @@ def test_split_groups_with_a_lora_adapter_measure_the_same_dsd_ahead_and_in_the_
     assert min(scalars["relax/grad_share"]) > 0
     adapter = {k: v for k, v in final_weights(tmp_path).items() if "lora_B" in k}
     assert adapter and max(float(v.abs().max()) for v in adapter.values()) > 0  # lora_B starts at 0: it trained
+
+
+def test_failure_weighting_scales_each_groups_term_by_its_share_of_failures():
+    dispersion = torch.tensor([0.5, 0.7, 1.0, 2.0, 0.3, 0.9], dtype=torch.float64, requires_grad=True)
+    advantages = torch.tensor([1.0, 0.5, -1.5, 1.0, -0.5, -0.5], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    valid, none = torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)
+    rewards = torch.tensor([1.0, 0.9, 0.1, 1.0, 0.0, 0.1])  # group 0: 1 of 3 failed, group 1: 2 of 3
+    explore = LatentExploration(failure_weighting=True, failure_threshold=0.5)
+    weight = explore.failure_shares(rewards, groups)
+    assert weight.tolist() == pytest.approx([1 / 3] * 3 + [2 / 3] * 3)
+    per_group = [latent_exploration_loss(dispersion[g], valid[g], none[g], advantages[g], groups[g]) for g in
+                 (slice(0, 3), slice(3, 6))]  # each alone: G = 1
+    weighted = latent_exploration_loss(dispersion, valid, none, advantages, groups, group_weight=weight)
+    assert float(weighted) == pytest.approx((float(per_group[0]) / 3 + 2 * float(per_group[1]) / 3) / 2)
+    # split in two micro-batches, the shares still add up in value and gradient
+    (whole,) = torch.autograd.grad(weighted, dispersion)
+    z = advantages.clamp(min=0) * dispersion.detach()
+    outside = torch.tensor([float(torch.logsumexp(-z[1:3], 0)), -math.inf, -math.inf,
+                            -math.inf, float(torch.logsumexp(-z[3:5], 0)), float(torch.logsumexp(-z[3:5], 0))],
+                           dtype=torch.float64)
+    count = torch.full((6,), 3)
+    first = latent_exploration_loss(dispersion[:1], valid[:1], none[:1], advantages[:1], groups[:1],
+                                    outside_log_sum=outside[:1], group_valid_count=count[:1], num_groups=2,
+                                    group_weight=weight[:1])
+    rest = latent_exploration_loss(dispersion[1:5], valid[1:5], none[1:5], advantages[1:5], groups[1:5],
+                                   outside_log_sum=-z[[0, 0, 5, 5]],
+                                   group_valid_count=count[1:5], num_groups=2, group_weight=weight[1:5])
+    last = latent_exploration_loss(dispersion[5:], valid[5:], none[5:], advantages[5:], groups[5:],
+                                   outside_log_sum=outside[5:], group_valid_count=count[5:], num_groups=2,
+                                   group_weight=weight[5:])
+    assert float(first + rest + last) == pytest.approx(float(weighted))
+    (split,) = torch.autograd.grad(first + rest + last, dispersion)
+    assert torch.allclose(split, whole) and whole[0] != 0
