@@ -144,6 +144,13 @@ def keep_records_before(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def batches_done(checkpoint: dict) -> int:
+    """The training batches (RL steps) a checkpoint holds: the step number of the first record a run resumed from it
+    writes. Not ``global_step``, which counts optimiser steps (several per batch under the paper's schedule). The
+    checkpoint is written in the batch's ``on_train_batch_end``, before Lightning counts that batch."""
+    return checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] + 1
+
+
 def train(args: argparse.Namespace, arm_name: str, seed: int) -> None:
     """One run's fit, in this process, resumed from its ``last.ckpt`` when there is one."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -155,7 +162,7 @@ def train(args: argparse.Namespace, arm_name: str, seed: int) -> None:
     arm, name = ARMS[arm_name], run_name(arm_name, seed)
     records, folder = Path(args.records) / f"{name}.jsonl", Path(args.checkpoints) / name
     last = folder / "checkpoints" / "last.ckpt"
-    resume_step = load_checkpoint_file(last, mmap=True)["global_step"] if last.exists() else 0
+    resume_step = batches_done(load_checkpoint_file(last, mmap=True)) if last.exists() else 0
     keep_records_before(records, resume_step)
     cli = main(
         ["--config", args.recipe, f"--seed_everything={seed}", f"--trainer.max_steps={args.steps}",
