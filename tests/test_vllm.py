@@ -205,3 +205,28 @@ def test_qlora_recipe_with_vllm_runs(tmp_path, tiny_llama):
     assert all("lora_" in name for name in checkpoint["state_dict"])
     gaps = tensorboard_logs(tmp_path)[0]["rollout/logp_abs_diff"]
     assert len(gaps) == 3 and max(gaps) < LOGP_TOLERANCE, gaps
+
+
+def test_evaluate_samples_with_the_vllm_engine(tmp_path, tiny_llama):
+    """``python -m relax_pl evaluate`` with the recipe's VLLM engine: the base model and a checkpoint it loads (the
+    engine gets the checkpoint's weights), each prompt scored once, and the same greedy answers as HFGenerate's."""
+    import json
+
+    recipe = vllm_recipe(tmp_path, tiny_llama, max_steps=1)
+    fit(recipe)
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    reports = {}
+    for engine in ("relax_pl.rollout.VLLM", "relax_pl.rollout.HFGenerate"):
+        out = tmp_path / engine.rsplit(".", 1)[1]
+        command = [sys.executable, "-m", "relax_pl", "evaluate", "--config", str(recipe), "--ckpt_path", "base",
+                   "--ckpt_path", str(checkpoint), "--num_samples", "2", "--max_prompts", "3", "--out", str(out),
+                   "--data.val_source", "builtin:arithmetic", "--model.rollout", engine]
+        done = subprocess.run(command, env=fit_env(), capture_output=True, timeout=600)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        reports[engine] = json.loads((out / "evaluation.json").read_text())
+    vllm_report = reports["relax_pl.rollout.VLLM"]
+    assert vllm_report["settings"]["engine"] == "VLLM"
+    base, trained = vllm_report["checkpoints"]
+    assert base["rows"] == trained["rows"] == [0, 1, 2] and trained["step"] == 1
+    for entry, hf_entry in zip(vllm_report["checkpoints"], reports["relax_pl.rollout.HFGenerate"]["checkpoints"]):
+        assert entry["per_prompt"]["mean@1"] == hf_entry["per_prompt"]["mean@1"]  # greedy: the same answers
