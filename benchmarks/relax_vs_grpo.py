@@ -360,8 +360,8 @@ def report(records: Path) -> str:
     gates = {name: gate_rates(steps) for arm in order for seed, steps in sorted(runs[arm].items())
              if (name := run_name(arm, seed)) and gate_rates(steps)}
     if gates:
-        lines += ["", "Which bound would gate 5-30% of the valid responses (DSD > xi and A > 0), measured on each run's own "
-                  "DSDs: mean share [min, max over steps], share of steps gating any", "",
+        lines += ["", "Which bound would gate 5-30% of the valid responses (DSD > xi and A > 0), measured on each "
+                  "run's own DSDs: mean share [min, max over steps], share of steps gating any", "",
                   "| run | " + " | ".join(GATE_RULES) + " |", "|" + "---|" * (len(GATE_RULES) + 1)]
         for name, rates in gates.items():
             lines.append(f"| {name} | " + " | ".join(f"{m:.3f} [{lo:.2f}, {hi:.2f}], {any_:.0%}"
@@ -439,7 +439,8 @@ if __name__ == "__main__":
     parser.add_argument("--records", default="docs/relax_vs_grpo", help="per-step records, evaluations, figure")
     parser.add_argument("--checkpoints", default="runs/relax_vs_grpo", help="each run's last.ckpt")
     parser.add_argument("--report", action="store_true", help="only the table and figure")
-    parser.add_argument("--tiny", action="store_true", help="a tiny random model (`python -m relax_pl.testing runs/tiny_qwen2`)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny random model (`python -m relax_pl.testing runs/tiny_qwen2`)")
     parser.add_argument("--phase", nargs=3, metavar=("PHASE", "ARM", "SEED"), help=argparse.SUPPRESS)  # a child
     args, overrides = parser.parse_known_args()
     args.overrides = [*overrides, *(["--model.pretrained=runs/tiny_qwen2"] if args.tiny else [])]
@@ -449,8 +450,9 @@ if __name__ == "__main__":
         train(args, args.phase[1], int(args.phase[2]))
         sys.exit(0)
     if not args.report:
-        settings = ["--recipe", args.recipe, "--steps", str(args.steps), "--checkpoint_every", str(args.checkpoint_every),
-                    "--records", args.records, "--checkpoints", args.checkpoints, *args.overrides]
+        settings = ["--recipe", args.recipe, "--steps", str(args.steps), "--checkpoint_every",
+                    str(args.checkpoint_every), "--records", args.records, "--checkpoints", args.checkpoints,
+                    *args.overrides]
         for arm, seed in args.runs:
             name = run_name(arm, seed)
             if not read_run(records / f"{name}.jsonl")[2]:

@@ -180,9 +180,9 @@ class LatentExploration(RLVRCallback):
     Logged once per step: ``relax/dsd_mean|median|p90`` (valid DSDs of the update's forwards), ``relax/valid_frac``,
     ``relax/over_frac`` (valid responses over xi), ``relax/gated_frac`` (gated responses, of all), ``relax/xi``,
     ``relax/alpha``, ``relax/lookahead_dsd_gap`` (split groups: the largest difference between a row's DSD measured
-    ahead and in the update, 0 up to rounding), ``relax/l_xp`` (mean over mini-batches), ``relax/grad_share`` (norm of ``alpha * L_xp``'s
-    gradient at the final hidden states over the norm of every other term's gradient there) and ``timing_s/dsd``
-    (DSD forward time; its backward is in ``timing_s/update``).
+    ahead and in the update, 0 up to rounding), ``relax/l_xp`` (mean over mini-batches), ``relax/grad_share``
+    (norm of ``alpha * L_xp``'s gradient at the final hidden states over the norm of every other term's gradient
+    there) and ``timing_s/dsd`` (DSD forward time; its backward is in ``timing_s/update``).
 
     With ``grad_share_target`` set (opt-in, beyond the paper: docs/method.md, "Strength under control"), ``alpha``
     is only the starting value: after every optimiser step :class:`AlphaController` sets the next one so that

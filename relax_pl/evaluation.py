@@ -185,7 +185,8 @@ def evaluate(config: str, checkpoints: list[str | None], num_samples: int = 16, 
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
     if data.val_source is None:
         raise ValueError(f"{config}: data.val_source is not set; evaluate samples the recipe's validation prompts")
-    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, (RLVRCallback, L.pytorch.callbacks.Checkpoint))]
+    # no training: no loss terms, no checkpoints
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (RLVRCallback, L.pytorch.callbacks.Checkpoint))]
     data.setup("validate")
     prompts = data.val_dataloader()
     if trainer.world_size > 1:
