@@ -199,10 +199,17 @@ def grpo(tmp_path_factory, tiny_model) -> Path:
     return folder
 
 
+REPEXP_PRETRAINED = [{"class_path": "relax_pl.callbacks.RepExp", "init_args": {"beta": 0.5}}]
+
+
 @pytest.mark.parametrize(
     "callbacks, metric",
-    [(REPEXP, "repexp/advantage_change"), (ER, "er/advantage_change")],
-    ids=["repexp", "effective_rank"],
+    [
+        (REPEXP, "repexp/advantage_change"),
+        (REPEXP_PRETRAINED, "repexp/advantage_change"),
+        (ER, "er/advantage_change"),
+    ],
+    ids=["repexp_policy", "repexp_pretrained", "effective_rank"],
 )
 def test_each_method_changes_the_update(tmp_path, tiny_model, grpo, callbacks, metric):
     """The term is non-zero on the steps it acts on and the same seed without it trains to other weights."""
@@ -211,6 +218,9 @@ def test_each_method_changes_the_update(tmp_path, tiny_model, grpo, callbacks, m
     assert scalars[metric] and all(v > 0 for v in scalars[metric]), scalars.get(metric)
     if metric.startswith("repexp"):
         assert all(v > 0 for v in scalars["repexp/bonus_mean"]) and len(scalars[metric]) == 2  # every step
+        # the default reads the frozen pre-trained model: one reference forward a step; "policy" the shared read
+        pretrained = callbacks is REPEXP_PRETRAINED
+        assert ("timing_s/ref" in scalars) == pretrained and ("timing_s/hidden" in scalars) != pretrained
     else:
         assert len(scalars[metric]) == 1 and scalars["er/shaped_frac"][0] > 0  # from the second step
         assert all(v > 0 for v in scalars["er/effective_rank"]) and any(v != 0 for v in scalars["er/erv"])
