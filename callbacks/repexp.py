@@ -56,7 +56,7 @@ class RepExp(RLVRCallback):
     """Adds RepExp's elliptical novelty bonus to each response's reward before the GRPO advantage (arXiv 2510.11686;
     the authors' code is the ``rep_exp`` recipe of verl).
 
-    Per step and per prompt group ``g`` (paper Sec. on RL post-training; code ``EllipticalRewardModelWorker``):
+    Per step and per prompt group ``g`` (the paper's RL post-training; the code's ``EllipticalRewardModelWorker``):
 
     1. pooling: ``h_bar_i``, the mean of the final hidden states over response ``i``'s tokens (:func:`mean_pooled`);
     2. projection: ``phi_i = h_bar_i P`` with a very sparse random ``P`` of ``sparse_dim`` columns, drawn again

@@ -70,8 +70,8 @@ class SpectrumMonitor(RLVRCallback):
             )
         if spectrum not in ("eig", "sv_compat"):
             raise ValueError(f"SpectrumMonitor: spectrum must be 'eig' or 'sv_compat', got {spectrum!r}")
-        self.every_n_steps, self.max_responses, self.n_min, self.spectrum = every_n_steps, max_responses, n_min, spectrum
-        self.metrics_every_n_steps = metrics_every_n_steps
+        self.every_n_steps, self.metrics_every_n_steps = every_n_steps, metrics_every_n_steps
+        self.max_responses, self.n_min, self.spectrum = max_responses, n_min, spectrum
         self.last_metrics: dict[str, float] = {}  # the latest measurement, for scripts without a logger
         self._rows: Tensor | None = None  # the rows this step reads, and their trajectories (T_i, d) in row order
         self._trajectories: list[Tensor] = []

@@ -1,11 +1,12 @@
 """The one extension point through which callbacks reach an RL step.
 
 RLVRModule imports no callback. A callback that wants to take part in the update subclasses
-:class:`RLVRCallback` and implements any of three hooks:
+:class:`RLVRCallback` and implements any of these hooks:
 
 * ``on_rollout_end(trainer, module, rollout)``: sees each step's scored rollout before the update (for
-  example to fit a Koopman dictionary on the first step, or to shape the advantages). ``module.response_hidden_states
-  (rollout)`` gives the final-norm hidden states of the rollout's responses without gradient.
+  example to fit a Koopman dictionary on the first step, or to shape the advantages).
+  ``module.response_hidden_states(rollout)`` gives the final-norm hidden states of the rollout's responses without
+  gradient.
 * ``rollout_hidden_rows(trainer, module, rollout)`` and ``on_rollout_hidden_states(trainer, module, rollout,
   part)``: the shared capture. Before ``on_rollout_end`` the module runs *one* no-grad forward over the union of
   the rows that every callback's ``rollout_hidden_rows`` asks for, and hands each chunk of it (a

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from relax_pl import objectives as obj
 from relax_pl import rng
 from relax_pl.correction import truncated_importance_weights
-from relax_pl.extension import LossTerms, MiniBatch, PolicyForward, rlvr_callbacks
+from relax_pl.extension import LossTerms, MiniBatch, PolicyForward, RLVRCallback, rlvr_callbacks
 from relax_pl.config import ObjectiveConfig, OptimizerConfig, UpdateConfig, ValidationConfig
 from relax_pl.forward import ResponseForward, reference_kl
 from relax_pl.losses import LossInput, UpdatePlan, mini_batch_selection
@@ -241,7 +241,7 @@ class RLVRModule(L.LightningModule):
         pair per micro-batch (for callbacks such as the Koopman dictionary fit)."""
         return self.response_forward.hidden_states(self.policy, rollout)
 
-    def share_hidden_states(self, rollout: RolloutBatch, callbacks: list, keep_logp: bool) -> None:
+    def share_hidden_states(self, rollout: RolloutBatch, callbacks: list[RLVRCallback], keep_logp: bool) -> None:
         """The step's one no-grad policy forward for callbacks that read hidden states (extension.py, "the shared
         capture"): over the union of the rows they ask for, each chunk handed to each of them. With ``keep_logp``
         and every row read, it also gives ``rollout.old_logp`` (the same forward :meth:`ResponseForward.logprobs`

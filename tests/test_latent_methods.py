@@ -168,7 +168,7 @@ MONITOR = [
 ]
 
 
-def fit_recipe(folder: Path, model: Path, callbacks: list[dict], max_steps: int = 2) -> Path:
+def fit_recipe(folder: Path, model: Path, callbacks: list[dict], max_steps: int = 2, ppo_epochs: int = 1) -> Path:
     """Tiny fits whose rewards differ within groups (accuracy = even length, format = has a digit), so advantages,
     correct / incorrect splits and every shaping term are non-zero."""
     return tiny_recipe(
@@ -177,7 +177,7 @@ def fit_recipe(folder: Path, model: Path, callbacks: list[dict], max_steps: int 
         model={
             "reward": {"class_path": "probes.ParityAccuracyReward"},
             "sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0},
-            "update": {"micro_batch_size": 4},
+            "update": {"micro_batch_size": 4, "ppo_epochs": ppo_epochs},
             "optimizer": {"lr": 1e-3},
         },
         data={"task_options": {"digits": 1, "operations": "+", "num_samples": 8}},
@@ -236,11 +236,11 @@ class ForwardCounter(RLVRCallback):
         ForwardCounter.counts.append(0)
 
 
-def count_forwards(folder: Path, model: Path, callbacks: list[dict]) -> list[int]:
+def count_forwards(folder: Path, model: Path, callbacks: list[dict], ppo_epochs: int = 1) -> list[int]:
     """Policy forwards per step of a fit with ``callbacks`` (``ResponseForward`` must be counting)."""
     ForwardCounter.counts = []
     probe = [{"class_path": "test_latent_methods.ForwardCounter"}]
-    main(["fit", "--config", str(fit_recipe(folder, model, probe + callbacks))])
+    main(["fit", "--config", str(fit_recipe(folder, model, probe + callbacks, ppo_epochs=ppo_epochs))])
     return list(ForwardCounter.counts)
 
 
@@ -263,6 +263,12 @@ def test_one_hidden_state_forward_however_many_latent_callbacks(tmp_path, tiny_m
     assert alone["relax"] == [4, 2]  # KoopmanFit reads the first rollout once
     assert alone["repexp"] == alone["er"] == [4, 4]
     assert together == [max(counts[step] for counts in alone.values()) for step in range(2)] == [4, 4]
+    # two epochs (two optimiser steps: max_steps 2 is one RL step) need the old policy's log-probs: GRPO reads them
+    # in a forward of their own, ER's shared read gives them (2 + 2 x 2 forwards, not 2 + 2 + 2 x 2)
+    assert count_forwards(tmp_path / "grpo_epochs", tiny_model, [], ppo_epochs=2) == [6]
+    assert count_forwards(tmp_path / "er_epochs", tiny_model, ER, ppo_epochs=2) == [6]
+    scalars, _ = tensorboard_logs(tmp_path / "er_epochs")
+    assert "timing_s/old" not in scalars and "timing_s/old" in tensorboard_logs(tmp_path / "grpo_epochs")[0]
 
 
 def test_latent_probes_in_a_grpo_run(tmp_path, tiny_model):
