@@ -82,9 +82,13 @@ class RepExp(RLVRCallback):
     (extension.py), so it adds no forward to a run that already reads hidden states (ReLaX, EffectiveRankShaping,
     SpectrumMonitor).
 
-    Logged once per step: ``repexp/bonus_mean`` (raw ``b`` over all responses), ``repexp/bonus_correct`` and
-    ``repexp/bonus_incorrect``, ``repexp/gated_frac`` (responses whose group got no bonus) and
-    ``repexp/advantage_change`` (mean ``|A' - A|``).
+    Logged once per step: ``repexp/bonus_mean`` (raw ``b`` over all responses), ``repexp/bonus_group_std`` (its
+    spread within groups, the part the GRPO advantage sees), ``repexp/bonus_correct`` and ``repexp/bonus_incorrect``,
+    ``repexp/gated_frac`` (responses whose group got no bonus) and ``repexp/advantage_change`` (mean ``|A' - A|``).
+
+    With ``n`` responses a group and ``n - 1 <= sparse_dim``, every ``b_i`` tends to ``(n - 1) / n`` when ``lam``
+    is small against the features' spread; the bonus then tells responses apart only through ``lam``
+    (docs/method.md section 9).
 
     Args:
         beta: weight of the bonus in the reward (paper: 0.01).
@@ -163,6 +167,7 @@ class RepExp(RLVRCallback):
         rollout.advantages = obj.group_advantages(shaped, rollout.group_size, scale=module.objective.scale_advantages)
         self._metrics = {
             "repexp/bonus_mean": float(bonus.mean()),
+            "repexp/bonus_group_std": float(bonus.view(-1, rollout.group_size).std(1).mean()),
             "repexp/gated_frac": float(gated.float().mean()),
             "repexp/advantage_change": float((rollout.advantages - before).abs().mean()),
         }
