@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from relax_pl.callbacks.koopman_fit import log_metrics
 from relax_pl.extension import DetachedForward, RLVRCallback
 from relax_pl.rollout import RolloutBatch
 
@@ -119,7 +120,6 @@ class EffectiveRankShaping(RLVRCallback):
         self.kappa, self.ema_rate = kappa, ema_rate
         self.reference: Tensor | None = None  # (3,) float64: moving averages of the batch means of ER, ERV, ERA
         self._values: Tensor | None = None  # (N, 3) of this step's rollout, from the shared forward
-        self._metrics: dict[str, float] = {}
 
     @override
     def rollout_hidden_rows(
@@ -139,19 +139,18 @@ class EffectiveRankShaping(RLVRCallback):
 
     @override
     def on_rollout_end(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
-        self._metrics = {}
         if not len(rollout):
             return
         if self._values is None:
             raise RuntimeError("EffectiveRankShaping got no hidden states from the shared forward")
         values, means = self._values, self._values.mean(0)
-        self._metrics = {"er/effective_rank": float(means[0]), "er/erv": float(means[1]), "er/era": float(means[2])}
+        metrics = {"er/effective_rank": float(means[0]), "er/erv": float(means[1]), "er/era": float(means[2])}
         if self.reference is not None:
             bonus = rank_bonus(values, self.reference, self.gain, self.weight)
             before = rollout.advantages
             rollout.advantages = shaped_advantages(before, bonus.to(before.device), self.kappa)
             deviation = ((values[:, 2] - self.reference[2]) / (self.reference[2].abs() + 1e-8)).clamp(-5, 5)
-            self._metrics.update(
+            metrics.update(
                 {
                     "er/bonus_mean": float(bonus.mean()),
                     "er/shaped_frac": float((rollout.advantages != before).float().mean()),
@@ -161,11 +160,7 @@ class EffectiveRankShaping(RLVRCallback):
             )
             means = (1 - self.ema_rate) * self.reference + self.ema_rate * means
         self.reference = means
-
-    @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._metrics:
-            pl_module.log_dict(self._metrics, batch_size=1)
+        log_metrics(trainer, metrics)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from relax_pl import objectives as obj
+from relax_pl.callbacks.koopman_fit import log_metrics
 from relax_pl.extension import DetachedForward, RLVRCallback
 from relax_pl.metrics import correctness
 from relax_pl.rollout import RolloutBatch
@@ -121,7 +122,6 @@ class RepExp(RLVRCallback):
         self.beta, self.lam, self.sparse_dim, self.redraw_projection = beta, lam, sparse_dim, redraw_projection
         self.gate_none_correct, self.representation, self.seed = gate_none_correct, representation, seed
         self._pooled: Tensor | None = None  # (N, d) of this step's rollout, from the shared forward
-        self._metrics: dict[str, float] = {}
 
     @property
     def needs_reference(self) -> bool:
@@ -149,7 +149,6 @@ class RepExp(RLVRCallback):
 
     @override
     def on_rollout_end(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
-        self._metrics = {}
         if not len(rollout):
             return
         features = self._pooled if self.representation == "policy" else self.reference_features(module, rollout)
@@ -165,7 +164,7 @@ class RepExp(RLVRCallback):
         shaped = rollout.rewards + self.beta * torch.where(gated, 0.0, bonus).to(rollout.rewards.dtype)
         before = rollout.advantages
         rollout.advantages = obj.group_advantages(shaped, rollout.group_size, scale=module.objective.scale_advantages)
-        self._metrics = {
+        metrics = {
             "repexp/bonus_mean": float(bonus.mean()),
             "repexp/bonus_group_std": float(bonus.view(-1, rollout.group_size).std(1).mean()),
             "repexp/gated_frac": float(gated.float().mean()),
@@ -173,7 +172,8 @@ class RepExp(RLVRCallback):
         }
         for name, rows in (("correct", correct), ("incorrect", ~correct)):
             if rows.any():
-                self._metrics[f"repexp/bonus_{name}"] = float(bonus[rows].mean())
+                metrics[f"repexp/bonus_{name}"] = float(bonus[rows].mean())
+        log_metrics(trainer, metrics)
 
     def reference_features(self, module: L.LightningModule, rollout: RolloutBatch) -> Tensor:
         """Pooled hidden states of the frozen pre-trained model (the reference policy), ``(N, d)`` float64."""
@@ -190,8 +190,3 @@ class RepExp(RLVRCallback):
             )
             features = features @ projection.to(features.device)
         return group_leverage(features, rollout.group_index, self.lam)
-
-    @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._metrics:
-            pl_module.log_dict(self._metrics, batch_size=1)

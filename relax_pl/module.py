@@ -246,14 +246,18 @@ class RLVRModule(L.LightningModule):
         capture"): over the union of the rows they ask for, each chunk handed to each of them. With ``keep_logp``
         and every row read, it also gives ``rollout.old_logp`` (the same forward :meth:`ResponseForward.logprobs`
         would run)."""
-        wanted = [(cb, cb.rollout_hidden_rows(self.trainer, self, rollout)) for cb in callbacks] if len(rollout) else []
-        wanted = [(cb, rows) for cb, rows in wanted if rows is not None and len(rows)]
-        if not wanted:
+        if not callbacks or not len(rollout):
             return
-        rows = torch.unique(torch.cat([r.to(self.device) for _, r in wanted]))  # sorted
-        old_logp = None
-        keep_logp = keep_logp and len(rows) == len(rollout)
+        # timed (0 s when no callback reads this step) in every step of a run with callbacks: a phase logged only now
+        # and then would show its last value at every later step
         with self._step_timer("hidden") if self._step_timer else nullcontext():
+            wanted = [(cb, cb.rollout_hidden_rows(self.trainer, self, rollout)) for cb in callbacks]
+            wanted = [(cb, rows) for cb, rows in wanted if rows is not None and len(rows)]
+            if not wanted:
+                return
+            rows = torch.unique(torch.cat([r.to(self.device) for _, r in wanted]))  # sorted
+            old_logp = None
+            keep_logp = keep_logp and len(rows) == len(rollout)
             for part in self.response_forward.detached(self.policy, rollout, rows, keep_hidden=True):
                 for callback, _ in wanted:
                     callback.on_rollout_hidden_states(self.trainer, self, rollout, part)
@@ -261,8 +265,8 @@ class RLVRModule(L.LightningModule):
                     if old_logp is None:  # float32, or float64 for a float64 model
                         old_logp = part.logp.new_zeros(len(rollout), rollout.response_mask.shape[1])
                     old_logp[part.rows, : part.logp.shape[1]] = part.logp * part.response_mask
-        if old_logp is not None:
-            rollout.old_logp = old_logp
+            if old_logp is not None:
+                rollout.old_logp = old_logp
 
     def reference_hidden_states(self, rollout: RolloutBatch) -> list[tuple[Tensor, Tensor]]:
         """The reference policy's final-norm hidden states at the response positions, no grad, one ``(hidden, mask)``
