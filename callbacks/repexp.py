@@ -63,7 +63,9 @@ class RepExp(RLVRCallback):
     2. projection: ``phi_i = h_bar_i P`` with a very sparse random ``P`` of ``sparse_dim`` columns, drawn again
        every step (:func:`sparse_random_projection`);
     3. bonus: ``b_i = c_i^T (lam I + sum_{j in g} c_j c_j^T)^{-1} c_i`` with ``c`` the group-centred ``phi``
-       (:func:`group_leverage`); ``b_i = 0`` for every response of a group with no correct one (``gate``);
+       (:func:`group_leverage`); ``b_i = 0`` for every response of a group with no correct one
+       (``gate_none_correct``; correct: :func:`relax_pl.metrics.correctness` > 0, the accuracy component when the
+       reward has one, where the code reads the summed reward, which a format bonus would make positive);
     4. reward: ``r'_i = r_i + beta * b_i``, and the advantages are the GRPO ones of ``r'``
        (``model.objective.scale_advantages`` as for the plain reward).
 
