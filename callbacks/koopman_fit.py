@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from relax_pl.extension import RLVRCallback
+from relax_pl.extension import DetachedForward, RLVRCallback
 from relax_pl.koopman import KoopmanDictionary, dsd, fit_dictionary
 from relax_pl.rollout import RolloutBatch
 
@@ -20,9 +20,10 @@ class KoopmanFit(RLVRCallback):
     then freezes it (docs/method.md section 3; paper Algorithm 1, FitKoopmanDict).
 
     The fit runs at the first ``on_rollout_end``, on the detached final-norm hidden states of at most
-    ``max_trajectories`` responses (a seeded random subset of the rollout). The fitted ``W``, the fitted flag and
-    the fit report are this callback's ``state_dict``: they are saved in every checkpoint and restored on resume,
-    so a resumed run never refits.
+    ``max_trajectories`` responses (a seeded random subset of the rollout), read in the step's shared forward
+    (extension.py, "the shared capture") with the other callbacks that read hidden states. The fitted ``W``, the
+    fitted flag and the fit report are this callback's ``state_dict``: they are saved in every checkpoint and
+    restored on resume, so a resumed run never refits.
     Under several ranks every rank computes hidden states (a sharded forward is collective), rank 0 fits, and
     ``W`` is broadcast.
 
@@ -61,6 +62,28 @@ class KoopmanFit(RLVRCallback):
         self.report: dict[str, float] = {}
         # The fitted-on trajectories, kept only until the end of the step that fitted (for calibrations).
         self.first_trajectories: list[Tensor] | None = None
+        self._fit_rows: Tensor | None = None  # the rows read in this step's shared forward, and what it gave
+        self._captured: list[Tensor] = []
+
+    @override
+    def rollout_hidden_rows(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch
+    ) -> Tensor | None:
+        self._fit_rows, self._captured = None, []
+        if self.fitted or not len(rollout):
+            return None
+        self._fit_rows = self.fit_rows(rollout)
+        return self._fit_rows
+
+    @override
+    def on_rollout_hidden_states(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, part: DetachedForward
+    ) -> None:
+        if self._fit_rows is None:
+            return
+        keep = torch.isin(part.rows, self._fit_rows)
+        # a response's mask is a prefix of its row (tokens up to the first EOS), so boolean indexing keeps order
+        self._captured += [h[mask].detach() for h, mask in zip(part.hidden[keep], part.response_mask[keep])]
 
     @override
     def on_rollout_end(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
@@ -68,14 +91,15 @@ class KoopmanFit(RLVRCallback):
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        self.first_trajectories = None
+        self.first_trajectories, self._fit_rows, self._captured = None, None, []
 
     def ensure_fitted(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
         """Fit the dictionary on ``rollout`` unless it is fitted (this run or a restored checkpoint). An empty
         rollout (every group dropped by dynamic sampling) leaves the fit to the next step."""
         if self.fitted or not len(rollout):
             return
-        trajectories = self.trajectories(module, rollout)
+        captured = self._fit_rows is not None and len(self._captured) == len(self._fit_rows)
+        trajectories = self._captured if captured else self.trajectories(module, rollout)
         weight, report = None, None
         if trainer.is_global_zero:
             dictionary = KoopmanDictionary(trajectories[0].shape[-1], self.m, seed=self.seed).to(module.device)
@@ -109,11 +133,14 @@ class KoopmanFit(RLVRCallback):
     def trajectories(self, module: L.LightningModule, rollout: RolloutBatch) -> list[Tensor]:
         """Detached ``(T_i, d)`` final-norm hidden states of a seeded subset of at most ``max_trajectories``
         responses of ``rollout``, each cut to its own length."""
-        n = len(rollout)
-        rows = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: self.max_trajectories]
-        subset = rollout.select(rows.sort().values.to(rollout.input_ids.device))
+        subset = rollout.select(self.fit_rows(rollout))
         # a response's mask is a prefix of its row (tokens up to the first EOS), so boolean indexing keeps order
         return [h[mask] for hidden, masks in module.response_hidden_states(subset) for h, mask in zip(hidden, masks)]
+
+    def fit_rows(self, rollout: RolloutBatch) -> Tensor:
+        """The sorted rows of a seeded subset of at most ``max_trajectories`` responses of ``rollout``."""
+        rows = torch.randperm(len(rollout), generator=torch.Generator().manual_seed(self.seed))[: self.max_trajectories]
+        return rows.sort().values.to(rollout.input_ids.device)
 
     def set_weight(self, weight: Tensor) -> None:
         m, d = weight.shape

@@ -1,8 +1,10 @@
-"""SpectrumMonitor: the Koopman spectrum and the DSD distribution of the rollouts, as TensorBoard images."""
+"""SpectrumMonitor: latent probes of every rollout (DSD in both spectra, effective rank, RepExp novelty, split by
+correct and incorrect answers) and the Koopman spectrum and DSD distribution as TensorBoard images."""
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Literal, Optional
 
 import lightning as L
@@ -10,29 +12,47 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
-from relax_pl.callbacks.koopman_fit import find_koopman_fit, log_metrics
-from relax_pl.extension import RLVRCallback
-from relax_pl.koopman import dsd, koopman_eigenvalues
+from relax_pl.callbacks.effective_rank import effective_rank
+from relax_pl.callbacks.koopman_fit import KoopmanFit, find_koopman_fit, log_metrics
+from relax_pl.callbacks.repexp import group_leverage, sparse_random_projection
+from relax_pl.extension import DetachedForward, RLVRCallback
+from relax_pl.koopman import koopman_eigenvalues
+from relax_pl.metrics import correctness
 from relax_pl.rollout import RolloutBatch
 
 
 class SpectrumMonitor(RLVRCallback):
-    """Every ``every_n_steps`` RL steps, computes the Koopman eigenvalues and DSD of up to ``max_responses``
-    responses of the rollout (their hidden states before the update, under KoopmanFit's frozen dictionary);
-    writes ``koopman/dsd_mean``, ``koopman/dsd_median`` and ``koopman/valid_frac`` to the loggers (and to
-    ``last_metrics``), and, with a TensorBoard logger, the images ``koopman/eigenvalues`` (complex plane with the unit circle) and ``koopman/dsd_histogram``.
+    """Latent probes of the rollout before the update, in any run (GRPO included: it adds no loss term; it needs a
+    KoopmanFit for the dictionary DSD is measured under).
 
-    It changes nothing in training, so it also measures DSD in a vanilla GRPO run (with KoopmanFit alone).
-    Costs one no-grad forward of ``max_responses`` responses per logged step.
+    Every ``metrics_every_n_steps`` RL steps, on the first ``max_responses`` responses (whole prompt groups), read
+    in the step's shared forward (extension.py): per response the DSD under KoopmanFit's frozen dictionary in both
+    spectra (``eig`` and ``sv_compat``, docs/method.md "Spectrum and units"), the effective rank of its hidden
+    states (:func:`~relax_pl.callbacks.effective_rank.effective_rank`) and its RepExp novelty against its group
+    (:func:`~relax_pl.callbacks.repexp.group_leverage` of the mean-pooled states under a fixed sparse projection,
+    ``lam=0.01``, 32 columns: RepExp's bonus on the policy's states). Logged as means over all, correct and
+    incorrect responses (correct: :func:`relax_pl.metrics.correctness` > 0; a split with no response is left out):
+    ``probes/dsd_eig/{all,correct,incorrect}``, ``probes/dsd_sv/...``, ``probes/effective_rank/...``,
+    ``probes/repexp_novelty/...``; with ``probes/correct_frac`` and ``timing_s/probes`` (this callback's own
+    compute; its share of the forward is in ``timing_s/hidden``). Also ``koopman/dsd_mean``, ``koopman/dsd_median``
+    and ``koopman/valid_frac`` in ``spectrum``'s units.
+
+    Every ``every_n_steps`` RL steps, with a TensorBoard logger, the images ``koopman/eigenvalues`` (complex plane
+    with the unit circle; correct responses in green, incorrect in red) and ``koopman/dsd_histogram``.
+
+    Cost: the rows' share of the shared forward (none when RepExp, EffectiveRankShaping or a KoopmanFit fit already
+    read them) and the per-response math; benchmarks/probes_overhead.py measures it against the step time.
 
     Args:
-        every_n_steps: log on RL steps (rollouts) divisible by this.
-        max_responses: how many of the rollout's responses are measured (the first ones: whole groups).
+        every_n_steps: images on RL steps (rollouts) divisible by this.
+        max_responses: how many of the rollout's responses are measured (the first ones, whole groups).
         n_min: fewest own transitions for a defined DSD (default 2m); match LatentExploration's.
-        spectrum: DSD's spectrum, "eig" or "sv_compat"; match LatentExploration's.
+        spectrum: the spectrum of ``koopman/dsd_*`` and the histogram, "eig" or "sv_compat" (match
+            LatentExploration's).
+        metrics_every_n_steps: probes on RL steps divisible by this.
     """
 
     def __init__(
@@ -41,56 +61,129 @@ class SpectrumMonitor(RLVRCallback):
         max_responses: int = 32,
         n_min: Optional[int] = None,
         spectrum: Literal["eig", "sv_compat"] = "sv_compat",
+        metrics_every_n_steps: int = 1,
     ) -> None:
-        if every_n_steps < 1 or max_responses < 1:
-            raise ValueError(f"SpectrumMonitor needs every_n_steps >= 1 and max_responses >= 1, got {every_n_steps}, {max_responses}")
-        self.every_n_steps, self.max_responses, self.n_min, self.spectrum = every_n_steps, max_responses, n_min, spectrum
+        if every_n_steps < 1 or max_responses < 1 or metrics_every_n_steps < 1:
+            raise ValueError(
+                f"SpectrumMonitor needs every_n_steps, max_responses and metrics_every_n_steps >= 1, got "
+                f"{every_n_steps}, {max_responses}, {metrics_every_n_steps}"
+            )
+        if spectrum not in ("eig", "sv_compat"):
+            raise ValueError(f"SpectrumMonitor: spectrum must be 'eig' or 'sv_compat', got {spectrum!r}")
+        self.every_n_steps, self.metrics_every_n_steps = every_n_steps, metrics_every_n_steps
+        self.max_responses, self.n_min, self.spectrum = max_responses, n_min, spectrum
         self.last_metrics: dict[str, float] = {}  # the latest measurement, for scripts without a logger
+        self._rows: Tensor | None = None  # the rows this step reads, and their trajectories (T_i, d) in row order
+        self._trajectories: list[Tensor] = []
+        self._seconds = 0.0
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             find_koopman_fit(trainer, "SpectrumMonitor")
 
+    def logs_now(self, trainer: L.Trainer, every: int) -> bool:
+        return trainer.fit_loop.epoch_loop.total_batch_idx % every == 0
+
+    @override
+    def rollout_hidden_rows(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch
+    ) -> Tensor | None:
+        self._rows, self._trajectories, self._seconds = None, [], 0.0
+        if not len(rollout) or not (
+            self.logs_now(trainer, self.metrics_every_n_steps) or self.logs_now(trainer, self.every_n_steps)
+        ):
+            return None
+        count = min(len(rollout), self.max_responses)
+        if count >= rollout.group_size:  # whole groups: the novelty is measured against a response's group
+            count -= count % rollout.group_size
+        self._rows = torch.arange(count, device=rollout.input_ids.device)
+        return self._rows
+
+    @override
+    def on_rollout_hidden_states(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, part: DetachedForward
+    ) -> None:
+        if self._rows is None:
+            return
+        keep = part.rows < len(self._rows)
+        # a response's mask is a prefix of its row (tokens up to the first EOS), so boolean indexing keeps order
+        self._trajectories += [h[mask].detach() for h, mask in zip(part.hidden[keep], part.response_mask[keep])]
+
     @override
     def on_rollout_end(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
-        if trainer.fit_loop.epoch_loop.total_batch_idx % self.every_n_steps or not len(rollout):
+        if self._rows is None:
             return
         fit = find_koopman_fit(trainer, "SpectrumMonitor")
         fit.ensure_fitted(trainer, module, rollout)
-        rows = torch.arange(min(len(rollout), self.max_responses), device=rollout.input_ids.device)
-        eigenvalues, values, valid = [], [], []
-        for hidden, mask in module.response_hidden_states(rollout.select(rows)):
-            dictionary = fit.dictionary_on(hidden.device)
-            eigenvalues.append(koopman_eigenvalues(hidden, mask, dictionary, fit.eps, n_min=self.n_min).cpu())
-            d, v = dsd(
-                hidden, mask, dictionary, eps=fit.eps, n_min=self.n_min, spectrum=self.spectrum,
-                padded_length=module.sampling.max_new_tokens,
-            )
-            values.append(d.cpu())
-            valid.append(v.cpu())
-        eig, kept, valid_all = torch.cat(eigenvalues), torch.cat(values)[torch.cat(valid)], torch.cat(valid)
-        self.last_metrics = {
-            "koopman/dsd_mean": float(kept.mean()) if kept.numel() else math.nan,
-            "koopman/dsd_median": float(kept.median()) if kept.numel() else math.nan,
-            "koopman/valid_frac": float(valid_all.float().mean()),
-        }
-        log_metrics(trainer, self.last_metrics)
+        start = time.perf_counter()
+        trajectories = self._trajectories
+        correct = (correctness(rollout.reward_components)[self._rows] > 0).cpu()
+        dsd_eig, valid = fit.dsd_of(trajectories, eps=fit.eps, n_min=self.n_min, spectrum="eig")
+        dsd_sv, _ = fit.dsd_of(
+            trajectories, eps=fit.eps, n_min=self.n_min, spectrum="sv_compat",
+            padded_length=module.sampling.max_new_tokens,
+        )
+        dsd_eig, dsd_sv, valid = dsd_eig.cpu(), dsd_sv.cpu(), valid.cpu()
+        ranks = torch.stack([effective_rank(t.double()) for t in trajectories]).cpu()
+        novelty = self.novelty(trajectories, rollout.group_index[self._rows]).cpu()
+        every = torch.ones_like(valid)
+        metrics = {"probes/correct_frac": float(correct.float().mean())}
+        for name, values, defined in [
+            ("dsd_eig", dsd_eig, valid), ("dsd_sv", dsd_sv, valid), ("effective_rank", ranks, every),
+            ("repexp_novelty", novelty, every),
+        ]:
+            for split, rows in (("all", every), ("correct", correct), ("incorrect", ~correct)):
+                if (defined & rows).any():
+                    metrics[f"probes/{name}/{split}"] = float(values[defined & rows].mean())
+        kept = (dsd_sv if self.spectrum == "sv_compat" else dsd_eig)[valid]
+        metrics.update(
+            {
+                "koopman/dsd_mean": float(kept.mean()) if kept.numel() else math.nan,
+                "koopman/dsd_median": float(kept.median()) if kept.numel() else math.nan,
+                "koopman/valid_frac": float(valid.float().mean()),
+            }
+        )
+        images = self.logs_now(trainer, self.every_n_steps)
+        if images:
+            eigenvalues = self.eigenvalues(fit, trajectories)
+        metrics["timing_s/probes"] = time.perf_counter() - start
+        if self.logs_now(trainer, self.metrics_every_n_steps):
+            self.last_metrics = metrics
+            log_metrics(trainer, metrics)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if loggers and trainer.is_global_zero:
+        if images and loggers and trainer.is_global_zero:
             writer, step = loggers[0].experiment, trainer.fit_loop.epoch_loop._batches_that_stepped
-            writer.add_figure("koopman/eigenvalues", eigenvalue_figure(eig[valid_all], step), global_step=step)
-            writer.add_figure("koopman/dsd_histogram", dsd_figure(kept, len(valid_all), step), global_step=step)
+            figure = eigenvalue_figure(eigenvalues[valid], step, correct[valid])
+            writer.add_figure("koopman/eigenvalues", figure, global_step=step)
+            writer.add_figure("koopman/dsd_histogram", dsd_figure(kept, len(valid), step), global_step=step)
+        self._rows, self._trajectories = None, []
+
+    @staticmethod
+    def novelty(trajectories: list[Tensor], group_index: Tensor) -> Tensor:
+        """RepExp's bonus of each response against its group, on the policy's mean-pooled states (float64)."""
+        pooled = torch.stack([t.double().mean(0) for t in trajectories])
+        projection = sparse_random_projection(pooled.shape[-1], 32, torch.Generator().manual_seed(0))
+        return group_leverage(pooled @ projection.to(pooled.device), group_index.to(pooled.device), 0.01)
+
+    def eigenvalues(self, fit: KoopmanFit, trajectories: list[Tensor]) -> Tensor:
+        """Koopman eigenvalues ``(B, m)`` of the trajectories (NaN rows where no DSD is defined), on the CPU."""
+        hidden = nn.utils.rnn.pad_sequence(trajectories, batch_first=True)
+        lengths = torch.tensor([t.shape[0] for t in trajectories], device=hidden.device)
+        mask = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]
+        return koopman_eigenvalues(hidden, mask, fit.dictionary_on(hidden.device), fit.eps, n_min=self.n_min).cpu()
 
 
-def eigenvalue_figure(eigenvalues: Tensor, step: int) -> Figure:
-    """Eigenvalues of each response's K (one colour per response) on the complex plane, with the unit circle."""
+def eigenvalue_figure(eigenvalues: Tensor, step: int, correct: Tensor | None = None) -> Figure:
+    """Eigenvalues of each response's K on the complex plane, with the unit circle: one colour per response, or
+    green for correct and red for incorrect responses when ``correct`` is given."""
     figure = Figure(figsize=(4.5, 4.5), dpi=100)
     ax = figure.subplots()
     theta = np.linspace(0, 2 * np.pi, 256)
     ax.plot(np.cos(theta), np.sin(theta), color="0.5", linestyle="--", linewidth=0.8)
-    for row in eigenvalues.numpy():
-        ax.scatter(row.real, row.imag, s=8, alpha=0.6)
+    for k, row in enumerate(eigenvalues.numpy()):
+        colour = None if correct is None else ("tab:green" if bool(correct[k]) else "tab:red")
+        ax.scatter(row.real, row.imag, s=8, alpha=0.6, color=colour)
     ax.axhline(0, color="0.85", linewidth=0.5)
     ax.axvline(0, color="0.85", linewidth=0.5)
     ax.set_aspect("equal")

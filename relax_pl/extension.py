@@ -1,11 +1,18 @@
 """The one extension point through which callbacks reach an RL step.
 
 RLVRModule imports no callback. A callback that wants to take part in the update subclasses
-:class:`RLVRCallback` and implements any of three hooks:
+:class:`RLVRCallback` and implements any of these hooks:
 
 * ``on_rollout_end(trainer, module, rollout)``: sees each step's scored rollout before the update (for
-  example to fit a Koopman dictionary on the first step). ``module.response_hidden_states(rollout)`` gives
-  the final-norm hidden states of the rollout's responses without gradient.
+  example to fit a Koopman dictionary on the first step, or to shape the advantages).
+  ``module.response_hidden_states(rollout)`` gives the final-norm hidden states of the rollout's responses without
+  gradient.
+* ``rollout_hidden_rows(trainer, module, rollout)`` and ``on_rollout_hidden_states(trainer, module, rollout,
+  part)``: the shared capture. Before ``on_rollout_end`` the module runs *one* no-grad forward over the union of
+  the rows that every callback's ``rollout_hidden_rows`` asks for, and hands each chunk of it (a
+  :class:`DetachedForward` with hidden states) to each of those callbacks; when the update needs the old policy's
+  log-probs and the union is the whole rollout, the same forward gives them. However many latent callbacks run
+  (KoopmanFit's fit, RepExp, EffectiveRankShaping, SpectrumMonitor), the rollout is read once per step.
 * ``on_mini_batch_start(trainer, module, mini_batch)``: called before the first micro-batch of every
   optimiser step with a :class:`MiniBatch`: its rows, how they are cut into micro-batches and a no-grad
   forward over any of its rows. A term that couples responses (a log-mean-exp over a prompt's group, a
@@ -190,6 +197,18 @@ class RLVRCallback(L.Callback):
 
     def on_rollout_end(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
         """Called once per training step, after rewards and advantages, before the update."""
+
+    def rollout_hidden_rows(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch
+    ) -> Tensor | None:
+        """The rows of ``rollout`` whose hidden states this callback reads this step (None: none)."""
+        return None
+
+    def on_rollout_hidden_states(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, part: DetachedForward
+    ) -> None:
+        """Called with each chunk of the step's shared no-grad forward (``part.rows`` may hold rows other callbacks
+        asked for), before ``on_rollout_end``."""
 
     def on_mini_batch_start(self, trainer: L.Trainer, module: L.LightningModule, mini_batch: MiniBatch) -> None:
         """Called before the first micro-batch of every optimiser step."""

@@ -22,7 +22,7 @@ from relax_pl import objectives as obj
 from relax_pl import rng
 from relax_pl.correction import truncated_importance_weights
 from relax_pl.evaluation import PromptResult, score_prompts
-from relax_pl.extension import LossTerms, MiniBatch, PolicyForward, rlvr_callbacks
+from relax_pl.extension import LossTerms, MiniBatch, PolicyForward, RLVRCallback, rlvr_callbacks
 from relax_pl.config import ObjectiveConfig, OptimizerConfig, UpdateConfig, ValidationConfig
 from relax_pl.forward import ResponseForward, reference_kl
 from relax_pl.losses import LossInput, UpdatePlan, mini_batch_selection
@@ -192,11 +192,15 @@ class RLVRModule(L.LightningModule):
         metrics = {**rollout_metrics(rollout, self.sampling.max_new_tokens), **self._counters.metrics()}
         if self.update.dynamic_sampling:
             rollout, metrics["data/dropped_groups"] = self.drop_uniform_groups(rollout)
-        for callback in rlvr_callbacks(self.trainer):
+        callbacks = rlvr_callbacks(self.trainer)
+        # in one on-policy pass the old policy is the current one: the update's own forward gives its log-probs
+        single_pass = UpdatePlan(self.update.ppo_epochs, self.update.mini_batch_size, len(rollout)).single_pass
+        self.share_hidden_states(rollout, callbacks, keep_logp=not single_pass)
+        for callback in callbacks:
             callback.on_rollout_end(self.trainer, self, rollout)
         if len(rollout):
-            if not UpdatePlan(self.update.ppo_epochs, self.update.mini_batch_size, len(rollout)).single_pass:
-                with timer("old"):  # in one on-policy pass the old policy is the current one: the update's own
+            if not single_pass and rollout.old_logp is None:
+                with timer("old"):
                     rollout.old_logp = self.response_forward.logprobs(self.policy, rollout)
             if self.reference_up_front:
                 rollout.ref_logp = self.reference_logprobs(rollout, torch.arange(len(rollout), device=self.device))
@@ -243,6 +247,40 @@ class RLVRModule(L.LightningModule):
         """The policy's final-norm hidden states at the response positions, without gradient, one ``(hidden, mask)``
         pair per micro-batch (for callbacks such as the Koopman dictionary fit)."""
         return self.response_forward.hidden_states(self.policy, rollout)
+
+    def share_hidden_states(self, rollout: RolloutBatch, callbacks: list[RLVRCallback], keep_logp: bool) -> None:
+        """The step's one no-grad policy forward for callbacks that read hidden states (extension.py, "the shared
+        capture"): over the union of the rows they ask for, each chunk handed to each of them. With ``keep_logp``
+        and every row read, it also gives ``rollout.old_logp`` (the same forward :meth:`ResponseForward.logprobs`
+        would run)."""
+        if not callbacks or not len(rollout):
+            return
+        # timed (0 s when no callback reads this step) in every step of a run with callbacks: a phase logged only now
+        # and then would show its last value at every later step
+        with self._step_timer("hidden") if self._step_timer else nullcontext():
+            wanted = [(cb, cb.rollout_hidden_rows(self.trainer, self, rollout)) for cb in callbacks]
+            wanted = [(cb, rows) for cb, rows in wanted if rows is not None and len(rows)]
+            if not wanted:
+                return
+            rows = torch.unique(torch.cat([r.to(self.device) for _, r in wanted]))  # sorted
+            old_logp = None
+            keep_logp = keep_logp and len(rows) == len(rollout)
+            for part in self.response_forward.detached(self.policy, rollout, rows, keep_hidden=True):
+                for callback, _ in wanted:
+                    callback.on_rollout_hidden_states(self.trainer, self, rollout, part)
+                if keep_logp:
+                    if old_logp is None:  # float32, or float64 for a float64 model
+                        old_logp = part.logp.new_zeros(len(rollout), rollout.response_mask.shape[1])
+                    old_logp[part.rows, : part.logp.shape[1]] = part.logp * part.response_mask
+            if old_logp is not None:
+                rollout.old_logp = old_logp
+
+    def reference_hidden_states(self, rollout: RolloutBatch) -> list[tuple[Tensor, Tensor]]:
+        """The reference policy's final-norm hidden states at the response positions, no grad, one ``(hidden, mask)``
+        pair per micro-batch (a callback that sets ``needs_reference``; RepExp reads the pre-trained model's)."""
+        reference, context = self.model_setup.reference(self.policy, self._reference[0])
+        with self._step_timer("ref") if self._step_timer else nullcontext(), context:
+            return self.response_forward.hidden_states(reference, rollout)
 
     def reference_logprobs(self, rollout: RolloutBatch, rows: Tensor) -> Tensor:
         """Log-probs of ``rows`` under the reference policy (a frozen copy, or the adapter disabled), no grad."""

@@ -1,0 +1,194 @@
+"""RepExp: representation-based exploration, an elliptical novelty bonus on the reward (arXiv 2510.11686)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from relax_pl import objectives as obj
+from relax_pl.callbacks.koopman_fit import log_metrics
+from relax_pl.extension import DetachedForward, RLVRCallback
+from relax_pl.metrics import correctness
+from relax_pl.rollout import RolloutBatch
+
+
+def mean_pooled(hidden: Tensor, mask: Tensor) -> Tensor:
+    """``h_bar_i = (1/T_i) sum_t h_{i,t}`` over each response's own tokens, ``(B, d)`` (RepExp's feature vector)."""
+    weights = mask.to(hidden.dtype)
+    return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+
+
+def sparse_random_projection(d: int, k: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A ``(d, k)`` very sparse random projection (Li, Hastie and Church 2006): with density ``s = 1/sqrt(d)`` each
+    entry is ``+-1/sqrt(s k)`` with probability ``s/2`` each and 0 otherwise, so ``E[||x P||^2] = ||x||^2``.
+    This is scikit-learn's ``SparseRandomProjection(density="auto")``, which the authors' code draws."""
+    density = 1 / math.sqrt(d)
+    draw = torch.rand(d, k, generator=generator, dtype=torch.float64)
+    sign = torch.where(draw < density / 2, -1.0, 1.0)
+    return torch.where(draw < density, sign / math.sqrt(density * k), 0.0).to(dtype)
+
+
+def group_leverage(features: Tensor, group_index: Tensor, lam: float) -> Tensor:
+    """The elliptical bonus of each response against its own prompt group (RepExp, the authors' ``leverage``):
+
+    ``b_i = c_i^T (lam I + sum_{j in g} c_j c_j^T)^{-1} c_i``, ``c_i = phi_i - mean_{j in g} phi_j``,
+
+    with ``phi`` the (projected) features. The covariance holds every response of the group, ``i`` included
+    (what the authors' code folds in by Sherman-Morrison rank-1 updates before it reads the bonuses). By the
+    push-through identity the ``k x k`` inverse is never formed: ``b_g = diag(G (G + lam I)^{-1})`` with the
+    group's Gram matrix ``G = C C^T``, one ``n x n`` solve per group. Each ``b_i`` lies in ``[0, 1)``.
+    """
+    bonus = torch.zeros(features.shape[0], dtype=features.dtype, device=features.device)
+    for group in group_index.unique():
+        members = (group_index == group).nonzero().squeeze(-1)
+        centred = features[members] - features[members].mean(0)
+        gram = centred @ centred.T
+        eye = torch.eye(len(members), dtype=features.dtype, device=features.device)
+        bonus[members] = torch.linalg.solve(gram + lam * eye, gram).diagonal()
+    return bonus
+
+
+class RepExp(RLVRCallback):
+    """Adds RepExp's elliptical novelty bonus to each response's reward before the GRPO advantage (arXiv 2510.11686;
+    the authors' code is the ``rep_exp`` recipe of verl).
+
+    Per step and per prompt group ``g`` (the paper's RL post-training; the code's ``EllipticalRewardModelWorker``):
+
+    1. pooling: ``h_bar_i``, the mean of the final hidden states over response ``i``'s tokens (:func:`mean_pooled`);
+    2. projection: ``phi_i = h_bar_i P`` with a very sparse random ``P`` of ``sparse_dim`` columns, drawn again
+       every step (:func:`sparse_random_projection`);
+    3. bonus: ``b_i = c_i^T (lam I + sum_{j in g} c_j c_j^T)^{-1} c_i`` with ``c`` the group-centred ``phi``
+       (:func:`group_leverage`); ``b_i = 0`` for every response of a group with no correct one
+       (``gate_none_correct``; correct: :func:`relax_pl.metrics.correctness` > 0, the accuracy component when the
+       reward has one, where the code reads the summed reward, which a format bonus would make positive);
+    4. reward: ``r'_i = r_i + beta * b_i``, and the advantages are the GRPO ones of ``r'``
+       (``model.objective.scale_advantages`` as for the plain reward).
+
+    The covariance lives one step and one group, as in the paper's runs (``persist_covariance=False``): there is no
+    covariance to carry across steps, so the callback has no training state. The projection of the step that starts
+    at optimiser step ``t`` is drawn from ``seed + t``, so a resumed run draws the same one.
+
+    Defaults are the paper's (its script ``train_elliptical.sh`` for MATH and GSM8K): ``beta=0.01``, ``lam=0.01``,
+    ``sparse_dim=32`` (128 for DAPO+AIME), projection redrawn every step, bonus off for groups with no correct
+    response, leverage with the response itself in the covariance. Where the code's yaml defaults differ
+    (``sparse_dim=512``, ``beta=1.0``, leave-one-out bonus), the default follows the paper's script, which is what
+    the paper's figures ran.
+
+    ``representation="reference"`` (default) reads the frozen pre-trained model, as the paper ("the pre-trained
+    language model's hidden states") and its code (a frozen copy loaded from the initial checkpoint) do: one
+    no-grad reference forward per step. ``"policy"`` reads the current policy instead, in the step's shared forward
+    (extension.py), so it adds no forward to a run that already reads hidden states (ReLaX, EffectiveRankShaping,
+    SpectrumMonitor).
+
+    Logged once per step: ``repexp/bonus_mean`` (raw ``b`` over all responses), ``repexp/bonus_group_std`` (its
+    spread within groups, the part the GRPO advantage sees), ``repexp/bonus_correct`` and ``repexp/bonus_incorrect``,
+    ``repexp/gated_frac`` (responses whose group got no bonus) and ``repexp/advantage_change`` (mean ``|A' - A|``).
+
+    With ``n`` responses a group and ``n - 1 <= sparse_dim``, every ``b_i`` tends to ``(n - 1) / n`` when ``lam``
+    is small against the features' spread; the bonus then tells responses apart only through ``lam``
+    (docs/method.md section 13).
+
+    Args:
+        beta: weight of the bonus in the reward (paper: 0.01).
+        lam: ridge ``lambda`` of the covariance (paper: 0.01).
+        sparse_dim: columns of the random projection (paper: 32 for MATH/GSM8K, 128 for DAPO+AIME); 0 keeps the
+            full hidden size.
+        redraw_projection: draw a new projection every step (paper); False keeps the one of ``seed``.
+        gate_none_correct: no bonus for the groups with no correct response (paper: on).
+        representation: "reference" (the pre-trained model, paper) or "policy" (the current policy).
+        seed: seeds the projection.
+
+    Raises:
+        ValueError: on a bad argument.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.01,
+        lam: float = 0.01,
+        sparse_dim: int = 32,
+        redraw_projection: bool = True,
+        gate_none_correct: bool = True,
+        representation: Literal["reference", "policy"] = "reference",
+        seed: int = 0,
+    ) -> None:
+        if beta < 0 or lam <= 0 or sparse_dim < 0:
+            raise ValueError(f"RepExp needs beta >= 0, lam > 0 and sparse_dim >= 0; got {beta=}, {lam=}, {sparse_dim=}")
+        if representation not in ("reference", "policy"):
+            raise ValueError(f"RepExp: representation must be 'reference' or 'policy', got {representation!r}")
+        self.beta, self.lam, self.sparse_dim, self.redraw_projection = beta, lam, sparse_dim, redraw_projection
+        self.gate_none_correct, self.representation, self.seed = gate_none_correct, representation, seed
+        self._pooled: Tensor | None = None  # (N, d) of this step's rollout, from the shared forward
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.representation == "reference"
+
+    @override
+    def rollout_hidden_rows(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch
+    ) -> Tensor | None:
+        self._pooled = None
+        if self.representation != "policy":
+            return None
+        return torch.arange(len(rollout), device=rollout.input_ids.device)
+
+    @override
+    def on_rollout_hidden_states(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, part: DetachedForward
+    ) -> None:
+        if self.representation != "policy":
+            return
+        if self._pooled is None:
+            width = part.hidden.shape[-1]
+            self._pooled = torch.zeros(len(rollout), width, dtype=torch.float64, device=part.rows.device)
+        self._pooled[part.rows] = mean_pooled(part.hidden.double(), part.response_mask)
+
+    @override
+    def on_rollout_end(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
+        if not len(rollout):
+            return
+        features = self._pooled if self.representation == "policy" else self.reference_features(module, rollout)
+        if features is None:
+            raise RuntimeError("RepExp(representation='policy') got no hidden states from the shared forward")
+        bonus = self.bonus(features, rollout, trainer.global_step)
+        correct = correctness(rollout.reward_components) > 0
+        gated = torch.zeros_like(correct)
+        if self.gate_none_correct:
+            any_correct = torch.zeros(int(rollout.group_index.max()) + 1, dtype=torch.bool, device=correct.device)
+            any_correct.index_put_((rollout.group_index,), correct, accumulate=True)
+            gated = ~any_correct[rollout.group_index]
+        shaped = rollout.rewards + self.beta * torch.where(gated, 0.0, bonus).to(rollout.rewards.dtype)
+        before = rollout.advantages
+        rollout.advantages = obj.group_advantages(shaped, rollout.group_size, scale=module.objective.scale_advantages)
+        metrics = {
+            "repexp/bonus_mean": float(bonus.mean()),
+            "repexp/bonus_group_std": float(bonus.view(-1, rollout.group_size).std(1).mean()),
+            "repexp/gated_frac": float(gated.float().mean()),
+            "repexp/advantage_change": float((rollout.advantages - before).abs().mean()),
+        }
+        for name, rows in (("correct", correct), ("incorrect", ~correct)):
+            if rows.any():
+                metrics[f"repexp/bonus_{name}"] = float(bonus[rows].mean())
+        log_metrics(trainer, metrics)
+
+    def reference_features(self, module: L.LightningModule, rollout: RolloutBatch) -> Tensor:
+        """Pooled hidden states of the frozen pre-trained model (the reference policy), ``(N, d)`` float64."""
+        pairs = module.reference_hidden_states(rollout)
+        return torch.cat([mean_pooled(hidden.double(), mask) for hidden, mask in pairs])
+
+    def bonus(self, features: Tensor, rollout: RolloutBatch, step: int) -> Tensor:
+        """Raw ``b_i`` of every response (steps 2-3 above), float64."""
+        features = features.double()
+        if self.sparse_dim:
+            seed = self.seed + (step if self.redraw_projection else 0)
+            projection = sparse_random_projection(
+                features.shape[-1], self.sparse_dim, torch.Generator().manual_seed(seed)
+            )
+            features = features @ projection.to(features.device)
+        return group_leverage(features, rollout.group_index, self.lam)

@@ -1,0 +1,312 @@
+"""RepExp and effective-rank shaping beside ReLaX: their quantities against hand-computed values and the authors'
+formulas (float64), each term acting on a tiny model, one shared hidden-state forward per step however many latent
+callbacks run, the latent probes of SpectrumMonitor, and exact resume with every callback's state."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import relax_pl.forward
+from relax_pl.callbacks.effective_rank import effective_rank, rank_bonus, rank_dynamics, shaped_advantages
+from relax_pl.callbacks.repexp import group_leverage, mean_pooled, sparse_random_projection
+from relax_pl.checkpointing import load_checkpoint_file
+from relax_pl.cli import main
+from relax_pl.extension import RLVRCallback
+
+from probes import tensorboard_logs, tiny_recipe
+
+LAM = 0.01
+
+
+# ------------------------------------------------------------------------------------------------ RepExp
+def sherman_morrison_bonus(features: torch.Tensor, lam: float) -> torch.Tensor:
+    """The authors' order of operations for one group (their ``leverage`` reward, written here in our words): centre
+    the group, fold each vector into ``(lam I)^{-1}`` by a Sherman-Morrison rank-1 update, then read ``c^T V^-1 c``."""
+    centred = features - features.mean(0)
+    inverse = torch.eye(features.shape[1], dtype=features.dtype) / lam
+    for c in centred:
+        c = c[:, None]
+        inverse = inverse - inverse @ c @ c.T @ inverse / (1 + c.T @ inverse @ c)
+    return torch.stack([c @ inverse @ c for c in centred])
+
+
+def test_repexp_bonus_by_hand():
+    # one group, 1-D features 0, 0, 3: centred -1, -1, 2, covariance lam + 6; the two alike responses share it
+    bonus = group_leverage(torch.tensor([[0.0], [0.0], [3.0]], dtype=torch.float64), torch.tensor([0, 0, 0]), LAM)
+    torch.testing.assert_close(bonus, torch.tensor([1 / 6.01, 1 / 6.01, 4 / 6.01], dtype=torch.float64))
+    # two groups are measured apart: 0, 2 centred to -1, 1 (covariance lam + 2); the second group as above
+    features = torch.tensor([[0.0], [2.0], [0.0], [0.0], [3.0]], dtype=torch.float64)
+    bonus = group_leverage(features, torch.tensor([0, 0, 1, 1, 1]), LAM)
+    torch.testing.assert_close(bonus[:2], torch.full((2,), 1 / 2.01, dtype=torch.float64))
+    torch.testing.assert_close(bonus[2:], torch.tensor([1 / 6.01, 1 / 6.01, 4 / 6.01], dtype=torch.float64))
+
+
+def test_repexp_bonus_matches_the_authors_sherman_morrison_fold():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 5, generator=generator, dtype=torch.float64) * 0.3
+    groups = torch.arange(12) // 4
+    ours = group_leverage(features, groups, LAM)
+    theirs = torch.cat([sherman_morrison_bonus(features[groups == g], LAM) for g in range(3)])
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert ours.std() > 0.01  # the responses get different bonuses
+
+
+def test_mean_pooling_and_sparse_projection():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]], dtype=torch.float64)
+    pooled = mean_pooled(hidden, torch.tensor([[True, True, False]]))
+    torch.testing.assert_close(pooled, torch.tensor([[2.0, 3.0]], dtype=torch.float64))
+    d, k = 400, 32
+    projection = sparse_random_projection(d, k, torch.Generator().manual_seed(0))
+    scale = 1 / math.sqrt(k / math.sqrt(d))  # 1 / sqrt(density * k), density = 1 / sqrt(d)
+    assert projection.abs().unique().tolist() == [0.0, pytest.approx(scale)]
+    assert abs(float((projection != 0).double().mean()) - 1 / math.sqrt(d)) < 0.01
+    x = torch.randn(2000, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ratio = (x @ projection).square().sum(-1) / x.square().sum(-1)
+    assert abs(float(ratio.mean()) - 1) < 0.1  # norms kept on average
+    assert torch.equal(projection, sparse_random_projection(d, k, torch.Generator().manual_seed(0)))
+
+
+# ------------------------------------------------------------------------------------------------ ER
+def authors_effective_rank(states: torch.Tensor) -> torch.Tensor:
+    """The authors' ``compute_single_effective_rank`` (full SVD) in our words: singular values of the centred
+    states, normalised with a 1e-8 guard, exp of their entropy with ``log(p + 1e-8)``."""
+    s = torch.linalg.svdvals(states - states.mean(0))
+    p = s / (s.sum() + 1e-8)
+    return torch.exp(-(p * torch.log(p + 1e-8)).sum())
+
+
+def authors_rank_dynamics(states: torch.Tensor, stride: int, max_tokens: int) -> tuple[float, float]:
+    """The authors' loop for ERV / ERA (``calculate_diffs_for_single_sample_optimized``) in our words: the rank of
+    each prefix from the eigenvalues of its centred Gram matrix, each step against the mean of the earlier ones."""
+    states = states[-max_tokens:]
+    history, previous, diffs, diffs2 = [], None, [], []
+    if states.shape[0] < 2 * stride:
+        return 0.0, 0.0
+    for t in range(stride, states.shape[0], stride):
+        window = states[: t + 1]
+        centred = window - window.mean(0)
+        s = torch.linalg.eigvalsh(centred @ centred.T).clamp(min=0).sqrt()
+        p = s / (s.sum() + 1e-8)
+        current = float(torch.exp(-(p * torch.log(p + 1e-8)).sum()))
+        if history:
+            diff = current - sum(history) / len(history)
+            diffs.append(diff)
+            if previous is not None:
+                diffs2.append(diff - previous)
+            previous = diff
+        history.append(current)
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return mean(diffs), mean(diffs2)
+
+
+def test_effective_rank_by_hand():
+    # centred columns orthogonal with norms sqrt(2), sqrt(2): p = (1/2, 1/2), ER = 2
+    z = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    torch.testing.assert_close(effective_rank(z), torch.tensor(2.0, dtype=torch.float64))
+    # norms sqrt(2), 2 sqrt(2): p = (1/3, 2/3)
+    z = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]], dtype=torch.float64)
+    expected = math.exp(-(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3)))
+    torch.testing.assert_close(effective_rank(z), torch.tensor(expected, dtype=torch.float64))
+    assert float(effective_rank(z[:1])) == 0.0  # one token: no spread
+
+
+def test_rank_velocity_and_acceleration_by_hand():
+    # stride 1 over e1, -e1, e2, -e2: prefixes of 2, 3, 4 tokens. [e1, -e1] has one direction (E0 = 1);
+    # [e1, -e1, e2] centred has orthogonal columns of norms sqrt(2) and sqrt(2/3); all four give E2 = 2
+    z = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    p = math.sqrt(2) / (math.sqrt(2) + math.sqrt(2 / 3))
+    e1 = math.exp(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+    d1, d2 = e1 - 1.0, 2.0 - (1.0 + e1) / 2
+    er, erv, era = rank_dynamics(z, stride=1, max_tokens=512).tolist()
+    assert er == pytest.approx(2.0) and erv == pytest.approx((d1 + d2) / 2) and era == pytest.approx(d2 - d1)
+    assert erv != 0 and era != 0
+
+
+@pytest.mark.parametrize("length, stride", [(37, 4), (64, 8), (15, 8), (9, 3)])
+def test_effective_rank_terms_match_the_authors_formulas(length, stride):
+    states = torch.randn(length, 24, generator=torch.Generator().manual_seed(length), dtype=torch.float64)
+    states = states.cumsum(0) * 0.1  # correlated over time, as hidden states are
+    torch.testing.assert_close(effective_rank(states), authors_effective_rank(states), rtol=1e-6, atol=1e-6)
+    er, erv, era = rank_dynamics(states, stride=stride, max_tokens=32).tolist()
+    theirs_erv, theirs_era = authors_rank_dynamics(states, stride, 32)
+    # the authors' 1e-8 guards and the square roots of a rank-deficient Gram matrix's zero eigenvalues move the
+    # rank by ~1e-6
+    assert erv == pytest.approx(theirs_erv, rel=1e-5, abs=1e-6) and era == pytest.approx(theirs_era, rel=1e-5, abs=1e-6)
+    assert erv != 0 or length < 2 * stride
+
+
+def test_rank_bonus_and_shaped_advantages_by_hand():
+    values = torch.tensor([[12.0, 0.5, 0.2], [8.0, -0.5, -0.4]], dtype=torch.float64)
+    reference = torch.tensor([10.0, 1.0, -0.1], dtype=torch.float64)
+    bonus = rank_bonus(values, reference, gain=2.0, weight=1.0)
+    for i, (u_er, u_erv, u_era) in enumerate([(0.2, -0.5, 3.0), (-0.2, -1.5, -3.0)]):
+        beta = 1 / (1 + math.exp(-2.0 * u_era))
+        assert float(bonus[i]) == pytest.approx(beta * math.tanh(u_er) + (1 - beta) * math.tanh(u_erv))
+    # deviations are clipped at +-5: ER 100 against 10 counts as 5
+    clipped = rank_bonus(torch.tensor([[100.0, 1.0, -0.1]], dtype=torch.float64), reference, 2.0, 1.0)
+    assert float(clipped[0]) == pytest.approx(0.5 * math.tanh(5.0))
+    advantages = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    shaped = shaped_advantages(advantages, torch.tensor([2.0, 1.0, -1.0, 3.0], dtype=torch.float64), kappa=2.0)
+    torch.testing.assert_close(shaped, torch.tensor([1.5, -0.5, 0.5, 0.0]))
+
+
+# ------------------------------------------------------------------------------------------------ fits
+RELAX = [
+    {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": 4, "steps": 5, "lr": 1e-3}},
+    {"class_path": "relax_pl.callbacks.LatentExploration",
+     "init_args": {"alpha": 1.0, "n_min": 5, "xi_mode": "relative", "xi_scale": 1.0, "kl_coef": 0.0}},
+]
+REPEXP = [{"class_path": "relax_pl.callbacks.RepExp", "init_args": {"beta": 0.5, "representation": "policy"}}]
+ER = [{"class_path": "relax_pl.callbacks.EffectiveRankShaping", "init_args": {"stride": 2, "max_tokens": 16}}]
+MONITOR = [
+    {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": 4, "steps": 5, "lr": 1e-3}},
+    {"class_path": "relax_pl.callbacks.SpectrumMonitor", "init_args": {"every_n_steps": 2, "n_min": 5}},
+]
+
+
+def fit_recipe(folder: Path, model: Path, callbacks: list[dict], max_steps: int = 2, ppo_epochs: int = 1) -> Path:
+    """Tiny fits whose rewards differ within groups (accuracy = even length, format = has a digit), so advantages,
+    correct / incorrect splits and every shaping term are non-zero."""
+    return tiny_recipe(
+        folder, model, callbacks, seed=2,
+        trainer={"max_steps": max_steps},
+        model={
+            "reward": {"class_path": "probes.ParityAccuracyReward"},
+            "sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0},
+            "update": {"micro_batch_size": 4, "ppo_epochs": ppo_epochs},
+            "optimizer": {"lr": 1e-3},
+        },
+        data={"task_options": {"digits": 1, "operations": "+", "num_samples": 8}},
+    )
+
+
+def final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint_file(folder / "checkpoints" / "last.ckpt")["state_dict"]
+
+
+def weight_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def grpo(tmp_path_factory, tiny_model) -> Path:
+    folder = tmp_path_factory.mktemp("grpo")
+    main(["fit", "--config", str(fit_recipe(folder, tiny_model, []))])
+    return folder
+
+
+REPEXP_PRETRAINED = [{"class_path": "relax_pl.callbacks.RepExp", "init_args": {"beta": 0.5}}]
+
+
+@pytest.mark.parametrize(
+    "callbacks, metric",
+    [
+        (REPEXP, "repexp/advantage_change"),
+        (REPEXP_PRETRAINED, "repexp/advantage_change"),
+        (ER, "er/advantage_change"),
+    ],
+    ids=["repexp_policy", "repexp_pretrained", "effective_rank"],
+)
+def test_each_method_changes_the_update(tmp_path, tiny_model, grpo, callbacks, metric):
+    """The term is non-zero on the steps it acts on and the same seed without it trains to other weights."""
+    main(["fit", "--config", str(fit_recipe(tmp_path, tiny_model, callbacks))])
+    scalars, _ = tensorboard_logs(tmp_path)
+    assert scalars[metric] and all(v > 0 for v in scalars[metric]), scalars.get(metric)
+    if metric.startswith("repexp"):
+        assert all(v > 0 for v in scalars["repexp/bonus_mean"]) and len(scalars[metric]) == 2  # every step
+        # the default reads the frozen pre-trained model: one reference forward a step; "policy" the shared read
+        assert ("timing_s/ref" in scalars) == (callbacks is REPEXP_PRETRAINED)
+    else:
+        assert len(scalars[metric]) == 1 and scalars["er/shaped_frac"][0] > 0  # from the second step
+        assert all(v > 0 for v in scalars["er/effective_rank"]) and any(v != 0 for v in scalars["er/erv"])
+    assert weight_change(final_weights(tmp_path), final_weights(grpo)) > 1e-6
+
+
+class ForwardCounter(RLVRCallback):
+    """Counts the policy forwards of each step (every ResponseForward call: these fits have no reference model)."""
+
+    counts: list[int] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        ForwardCounter.counts.append(0)
+
+
+def count_forwards(folder: Path, model: Path, callbacks: list[dict], ppo_epochs: int = 1) -> list[int]:
+    """Policy forwards per step of a fit with ``callbacks`` (``ResponseForward`` must be counting)."""
+    ForwardCounter.counts = []
+    probe = [{"class_path": "test_latent_methods.ForwardCounter"}]
+    main(["fit", "--config", str(fit_recipe(folder, model, probe + callbacks, ppo_epochs=ppo_epochs))])
+    return list(ForwardCounter.counts)
+
+
+def test_one_hidden_state_forward_however_many_latent_callbacks(tmp_path, tiny_model, monkeypatch):
+    """ReLaX + RepExp + ER (+ the probes) run per step exactly the forwards of the most demanding of them alone:
+    8 responses in micro-batches of 4 are 2 forwards for the update and 2 for the shared no-grad read."""
+    original = relax_pl.forward.ResponseForward.__call__
+
+    def counted(self, *args, **kwargs):
+        ForwardCounter.counts[-1] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(relax_pl.forward.ResponseForward, "__call__", counted)
+    alone = {
+        name: count_forwards(tmp_path / name, tiny_model, callbacks)
+        for name, callbacks in [("grpo", []), ("relax", RELAX), ("repexp", REPEXP), ("er", ER)]
+    }
+    together = count_forwards(tmp_path / "all", tiny_model, RELAX + REPEXP + ER + MONITOR[1:])
+    assert alone["grpo"] == [2, 2]
+    assert alone["relax"] == [4, 2]  # KoopmanFit reads the first rollout once
+    assert alone["repexp"] == alone["er"] == [4, 4]
+    assert together == [max(counts[step] for counts in alone.values()) for step in range(2)] == [4, 4]
+    # two epochs (two optimiser steps: max_steps 2 is one RL step) need the old policy's log-probs: GRPO reads them
+    # in a forward of their own, ER's shared read gives them (2 + 2 x 2 forwards, not 2 + 2 + 2 x 2)
+    assert count_forwards(tmp_path / "grpo_epochs", tiny_model, [], ppo_epochs=2) == [6]
+    assert count_forwards(tmp_path / "er_epochs", tiny_model, ER, ppo_epochs=2) == [6]
+    scalars, _ = tensorboard_logs(tmp_path / "er_epochs")
+    assert "timing_s/old" not in scalars and "timing_s/old" in tensorboard_logs(tmp_path / "grpo_epochs")[0]
+
+
+def test_latent_probes_in_a_grpo_run(tmp_path, tiny_model):
+    """SpectrumMonitor in a run without a loss term: per-step DSD in both spectra, effective rank and RepExp
+    novelty, over all, correct and incorrect responses, and the spectrum image on its steps only."""
+    main(["fit", "--config", str(fit_recipe(tmp_path, tiny_model, MONITOR, max_steps=3))])
+    scalars, images = tensorboard_logs(tmp_path)
+    for probe in ["dsd_eig", "dsd_sv", "effective_rank", "repexp_novelty"]:
+        for split in ["all", "correct", "incorrect"]:
+            assert f"probes/{probe}/{split}" in scalars, sorted(scalars)
+        assert len(scalars[f"probes/{probe}/all"]) == 3  # every step
+        assert all(v > 0 for v in scalars[f"probes/{probe}/all"])
+    assert all(0 < v < 1 for v in scalars["probes/correct_frac"]) and "timing_s/probes" in scalars
+    assert {"koopman/eigenvalues", "koopman/dsd_histogram"} <= images
+    assert not any(name.startswith("relax/") for name in scalars)  # no loss term
+
+
+def test_resume_is_exact_with_every_latent_callback(tmp_path, tiny_model):
+    """ReLaX + RepExp + ER + probes: two steps in one go and one step then a resume end on the same weights and
+    callback states. ER's moving averages are set after step 1 and shape step 2, so a resume that lost them
+    would train step 2 otherwise."""
+    callbacks = RELAX + REPEXP + ER + MONITOR[1:]
+    straight = tmp_path / "straight"
+    main(["fit", "--config", str(fit_recipe(straight, tiny_model, callbacks))])
+    split = tmp_path / "split"
+    recipe = fit_recipe(split, tiny_model, callbacks, max_steps=1)
+    main(["fit", "--config", str(recipe)])
+    halfway = load_checkpoint_file(split / "checkpoints" / "last.ckpt")
+    assert halfway["callbacks"]["EffectiveRankShaping"]["reference"] is not None
+    main(["fit", "--config", str(recipe), "--trainer.max_steps", "2", "--ckpt_path", "last"])
+    a = load_checkpoint_file(straight / "checkpoints" / "last.ckpt")
+    b = load_checkpoint_file(split / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 2
+    for name in a["state_dict"]:
+        assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
+    for callback in ["EffectiveRankShaping", "KoopmanFit", "LatentExploration"]:
+        for key, value in a["callbacks"][callback].items():
+            other = b["callbacks"][callback][key]
+            if key == "report":  # the fit's report holds its wall time
+                value, other = ({k: v for k, v in r.items() if not k.startswith("timing_s/")} for r in (value, other))
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (callback, key)
+    assert weight_change(b["state_dict"], halfway["state_dict"]) > 1e-6  # the resumed step trained
