@@ -30,6 +30,7 @@ with 95% intervals, and held-out mean@1 / mean@k with paired differences.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import random
@@ -67,10 +68,12 @@ LAST = 15  # the window of the paired reward difference
 
 @dataclass
 class Arm:
-    """How an arm changes the recipe: command-line overrides and LatentExploration's arguments."""
+    """How an arm changes the recipe: command-line overrides, LatentExploration's arguments and callbacks it adds
+    (``{"class_path": ..., "init_args": {...}}``)."""
 
     overrides: list[str] = field(default_factory=list)
     explore: dict = field(default_factory=dict)
+    callbacks: list[dict] = field(default_factory=list)
     note: str = ""
 
 
@@ -86,6 +89,19 @@ ARMS = {
         explore={"grad_share_target": 0.1, "xi_mode": "quantile", "xi_quantile": 0.8, "failure_weighting": True},
         note="ReLaX-target with each group's L_xp weighted by its share of failed answers (not in the default order)",
     ),
+    "RepExp": Arm(
+        explore=OBSERVE_ONLY,
+        callbacks=[{"class_path": "relax_pl.callbacks.RepExp", "init_args": {
+            "beta": 0.01, "lam": 0.01, "sparse_dim": 32, "redraw_projection": True, "gate_none_correct": True,
+            "representation": "reference", "seed": 0}}],
+        note="GRPO + RepExp's novelty bonus on the reward (as recipes/repexp_small.yaml)",
+    ),
+    "EffectiveRank": Arm(
+        explore=OBSERVE_ONLY,
+        callbacks=[{"class_path": "relax_pl.callbacks.EffectiveRankShaping", "init_args": {
+            "stride": 8, "max_tokens": 512, "gain": 2.0, "weight": 1.0, "kappa": 2.0, "ema_rate": 0.3}}],
+        note="GRPO + effective-rank advantage shaping (as recipes/effective_rank_small.yaml)",
+    ),
     "Entropy": Arm(
         overrides=["--model.objective.entropy_coef=0.005"], explore=OBSERVE_ONLY,
         note="GRPO + a token-entropy bonus of 0.005",
@@ -100,7 +116,8 @@ ARMS = {
 # pairs first (GRPO and the ReLaX arms on the same seed), the baselines' seeds last: cut from the end
 RUN_ORDER = [("GRPO", 1), ("ReLaX-target", 1), ("GRPO", 2), ("ReLaX-target", 2), ("ReLaX", 1), ("ReLaX", 2),
              ("GRPO", 3), ("ReLaX-target", 3), ("GRPO", 4), ("ReLaX-target", 4),
-             ("Entropy", 1), ("ClipCov", 1), ("Entropy", 2), ("ClipCov", 2)]
+             ("Entropy", 1), ("ClipCov", 1), ("Entropy", 2), ("ClipCov", 2),
+             ("RepExp", 1), ("EffectiveRank", 1), ("RepExp", 2), ("EffectiveRank", 2)]
 
 
 class StepLog(L.Callback):
@@ -173,6 +190,9 @@ def train(args: argparse.Namespace, arm_name: str, seed: int) -> None:
     [(index, explore)] = [(i, cb) for i, cb in enumerate(callbacks) if isinstance(cb, LatentExploration)]
     [given] = [c for c in cli.config.trainer.callbacks if c.class_path.endswith("LatentExploration")]
     callbacks[index] = explore = LatentExploration(**{**dict(given.init_args or {}), **arm.explore})
+    for extra in arm.callbacks:
+        module_name, class_name = extra["class_path"].rsplit(".", 1)
+        callbacks.append(getattr(importlib.import_module(module_name), class_name)(**extra["init_args"]))
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", every_n_train_steps=args.checkpoint_every,
                                  save_last=True, save_top_k=0)
     cli.trainer.callbacks = [*callbacks, StepLog(records, explore), checkpoint]
@@ -380,7 +400,8 @@ def plot(runs: dict[str, dict[int, list[dict]]], records: Path, path: Path) -> N
               ("valid_frac", "responses with a defined DSD", False)]
     figure = Figure(figsize=(20, 7.5), dpi=100)
     axes = figure.subplots(2, 5)
-    colors = dict(zip(ARMS, ["tab:blue", "tab:red", "tab:orange", "tab:brown", "tab:green", "tab:purple"]))
+    colors = dict(zip(ARMS, ["tab:blue", "tab:red", "tab:orange", "tab:brown", "tab:cyan", "tab:olive", "tab:green",
+                             "tab:purple"]))
     for ax, (key, title, log) in zip([*axes[:, :4].flat], panels):
         for arm, seeds in runs.items():
             length = max(len(steps) for steps in seeds.values())
