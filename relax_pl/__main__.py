@@ -2,12 +2,15 @@
 
 import sys
 
+from relax_pl.errors import reported_as_one_line
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["export"]:
-        from relax_pl.export import main as export_main
+    with reported_as_one_line():  # a user error is one line; RELAX_PL_DEBUG=1 shows its traceback
+        if sys.argv[1:2] == ["export"]:
+            from relax_pl.export import main as export_main
 
-        export_main(sys.argv[2:])
-    else:
-        from relax_pl.cli import main
+            export_main(sys.argv[2:])
+        else:
+            from relax_pl.cli import main
 
-        main()
+            main()

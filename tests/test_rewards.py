@@ -407,6 +407,31 @@ def test_pool_keeps_input_order_and_survives_a_stuck_worker():
     assert len(before - after) == 1 and len(after) == 3  # the stuck worker alone was killed and replaced
 
 
+class Spins(VerifiableReward):
+    """Loops in pure Python on "spin" (what the worker's own alarm interrupts); its pid otherwise."""
+
+    def score(self, completion: str, sample: dict) -> dict[str, float]:
+        while completion == "spin":
+            pass
+        return {"overall": 1.0, "pid": float(os.getpid())}
+
+
+def test_a_pure_python_overrun_is_interrupted_inside_the_worker_which_lives_on(monkeypatch):
+    """The worker's own alarm ends an overrun in Python code: the worker lives on (same pid, no replacement). With
+    the alarm off the caller's kill still bounds the response, but every overrun then costs a worker restart."""
+    replaced = []
+    replace = BoundedScorer._replace
+    monkeypatch.setattr(BoundedScorer, "_replace", lambda self, slot: (replaced.append(slot), replace(self, slot)))
+    with BoundedScorer(Spins(), timeout_s=0.5, workers=1) as scorer:
+        first = scorer(["fine"], _samples(1))
+        pid = scorer._workers[0].process.pid
+        batch = scorer(["spin", "fine"], _samples(2))
+        assert scorer._workers[0].process.pid == pid and scorer._workers[0].process.is_alive()
+    assert first.components["pid"] == [pid]
+    assert (batch.timeouts, batch.errors) == (1, 0) and batch.components["pid"] == [0.0, pid]  # the same worker
+    assert replaced == []
+
+
 def test_pool_gives_the_same_rewards_as_one_worker():
     answers = ["5", r"\frac{1}{2}", "60", r"2\sqrt{3}"]
     completions = [
