@@ -92,7 +92,7 @@ class OptimizerConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise RecipeError("model.optimizer.lr", self.lr, "the learning rate must be a positive number, e.g. 1e-6")
         if not all(0 <= beta < 1 for beta in self.betas):
-            raise RecipeError("model.optimizer.betas", list(self.betas), "each beta must be in [0, 1), e.g. [0.9, 0.95]")
+            raise RecipeError("model.optimizer.betas", list(self.betas), "each must be in [0, 1), e.g. [0.9, 0.95]")
         if self.weight_decay < 0 or not self.eps > 0:
             raise RecipeError(
                 "model.optimizer.weight_decay/eps", [self.weight_decay, self.eps], "weight_decay >= 0 and eps > 0"

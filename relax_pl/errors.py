@@ -59,8 +59,8 @@ def exit_with(prog: str, message: str, code: int = 1, debug_shows: str = "the tr
 def unknown_keys(message: str) -> list[str]:
     """The recipe keys or options a jsonargparse error says are not accepted."""
     quoted = re.findall(r"does not accept options? '([^']+)'", message) + re.findall(r'Key "([^"]+)" is not', message)
-    flags = re.findall(r"--([\w.]+)", message.split("unrecognized arguments:", 1)[1]) if "unrecognized" in message else []
-    return list(dict.fromkeys(quoted + flags))
+    _, _, unrecognized = message.partition("unrecognized arguments:")
+    return list(dict.fromkeys(quoted + re.findall(r"--([\w.]+)", unrecognized)))
 
 
 def did_you_mean(message: str, known: Iterable[str]) -> str:

@@ -145,9 +145,10 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
 def test_lone_surrogate_is_refused_when_the_data_loads(tmp_path):
     """``"\\ud800"`` is valid JSON but no text: the tokenizer failed on it mid-run, at that row's batch (and again
     after every resume). It is refused at setup, naming file, row, line and field."""
-    path = write_jsonl(tmp_path / "s.jsonl", [{"problem": "a", "answer": "1"}, '{"problem": "x\\ud800y", "answer": "2"}'])
-    with pytest.raises(DataError, match=r"s\.jsonl row 1 \(line 2\): field 'problem' holds a lone surrogate '\\ud800' at "
-                                        r"character 1"):
+    rows = [{"problem": "a", "answer": "1"}, '{"problem": "x\\ud800y", "answer": "2"}']
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    surrogate = r"s\.jsonl row 1 \(line 2\): field 'problem' holds a lone surrogate '\\ud800' at character 1"
+    with pytest.raises(DataError, match=surrogate):
         PromptDataModule(str(path)).setup("fit")
     pair = write_jsonl(tmp_path / "pair.jsonl", ['{"problem": "\\ud83d\\ude00", "answer": "\\ud83d\\ude00"}'])
     dm = PromptDataModule(str(pair), batch_size=1)

@@ -168,7 +168,8 @@ def test_sigkill_right_after_a_checkpoint_loses_no_logged_point(tmp_path, tiny_m
     assert_same_run(tmp_path, uninterrupted, validations_lost=1)  # every training step once, batch 1's included
 
 
-def test_sigkill_before_the_first_last_checkpoint_resumes_from_the_newest_intact_one(tmp_path, tiny_model, uninterrupted):
+def test_sigkill_before_the_first_last_checkpoint_resumes_from_the_newest_intact_one(tmp_path, tiny_model,
+                                                                                     uninterrupted):
     """Killed halfway through the first last.ckpt, after epoch=0-step=8.ckpt was complete: ``--ckpt_path last``
     started from scratch (Lightning finds no last*.ckpt); it resumes from that checkpoint and says so."""
     killed = run_killed(tmp_path, tiny_model, "last_checkpoint_write", step=1)
@@ -432,7 +433,7 @@ def test_checkpoint_that_imports_by_opcode_is_refused_as_carrying_code(tmp_path)
     with pytest.raises(CheckpointError) as raised:
         load_checkpoint_file(shared)
     message = str(raised.value)
-    assert message.startswith(f"refused to load checkpoint '{shared}': its pickle uses the opcode STACK_GLOBAL"), message
+    assert message.startswith(f"refused to load checkpoint '{shared}': its pickle uses the opcode STACK_GLOBAL")
     assert "carries code" in message and "Do not load it with weights_only=False" in message
     assert "corrupt" not in message and "will likely succeed" not in message
     assert not (tmp_path / "ran").exists()

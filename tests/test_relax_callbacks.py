@@ -88,7 +88,7 @@ def test_descent_on_l_xp_raises_dsd_only_for_positive_ungated_responses():
 
 def test_gated_kl_reaches_only_over_dispersed_responses():
     fit, (hidden, mask) = fitted_koopman(), synthetic_batch(seed=1)
-    values, valid = dsd(hidden, mask, fit.dictionary, n_min=N_MIN)
+    values, valid = dsd(hidden, mask, fit.dictionary, n_min=N_MIN, spectrum="eig")
     xi = float(values[valid].median())
     kl = torch.rand(mask.shape, generator=torch.Generator().manual_seed(2), requires_grad=True)
     for positive_only in (True, False):
@@ -206,7 +206,7 @@ def test_gated_kl_shares_of_a_split_mini_batch_add_up_to_the_whole_batch_value(l
     would not: only the slow end-to-end invariance test caught that)."""
     fit, (hidden, mask) = fitted_koopman(), synthetic_batch()
     mask[1, 20:] = False  # responses of different lengths: token-mean and seq-mean-token-mean differ
-    values, valid = dsd(hidden, mask, fit.dictionary, n_min=N_MIN)
+    values, valid = dsd(hidden, mask, fit.dictionary, n_min=N_MIN, spectrum="eig")
     xi = float(values[valid].median())
     kl = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * mask
     normaliser = float(mask.sum()) if loss_agg_mode == "token-mean" else float(len(mask))
@@ -219,9 +219,9 @@ def test_gated_kl_shares_of_a_split_mini_batch_add_up_to_the_whole_batch_value(l
         for part in parts:
             rows = torch.tensor(part)
             forward = PolicyForward(
-                response_mask=mask[rows], logp=torch.zeros(mask[rows].shape, dtype=torch.float64), advantages=ADVANTAGES[rows],
-                group_index=GROUPS[rows], hidden=hidden[rows], rows=rows, loss_agg_mode=loss_agg_mode,
-                normaliser=normaliser, mini_batch_responses=len(mask),
+                response_mask=mask[rows], logp=torch.zeros(mask[rows].shape, dtype=torch.float64),
+                advantages=ADVANTAGES[rows], group_index=GROUPS[rows], hidden=hidden[rows], rows=rows,
+                loss_agg_mode=loss_agg_mode, normaliser=normaliser, mini_batch_responses=len(mask),
                 reference_kl=lambda selected, rows=rows: kl[rows][selected],
             )
             terms = explore.policy_loss_terms(SimpleNamespace(callbacks=[fit, explore]), None, forward)
