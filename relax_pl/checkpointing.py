@@ -31,8 +31,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 STALE_FOREIGN_TEMPORARY_S = 24 * 3600
 
 
-# A write that torch's zip writer gave up on while the folder had less free space than this failed on a full disk
-# (the writer's own error does not say so): one file-system block is all that may be left.
+# torch's zip writer does not say why a write failed; one that failed while its folder had less free space than
+# this (its partial file still there) ran out of disk: a filled disk keeps at most a few blocks free.
 DISK_FULL_BELOW_BYTES = 1 << 20
 
 
@@ -258,7 +258,8 @@ def write_failure(error: BaseException, folder: Path) -> OSError | None:
         return error
     if not (isinstance(error, RuntimeError) and "inline_container" in str(error)):
         return None
-    if os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize < DISK_FULL_BELOW_BYTES:
+    space = os.statvfs(folder)
+    if space.f_bavail * space.f_frsize < DISK_FULL_BELOW_BYTES:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return OSError(errno.EIO, f"torch's writer: {str(error).splitlines()[0]}")
 
