@@ -138,10 +138,11 @@ class RecipeParser(LightningArgumentParser):
     key a mistyped one may be (the full usage with ``RELAX_PL_DEBUG=1``)."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        message += moved_key_hint(message)
+        moved = moved_key_hint(message)
+        message += moved
         if self.exit_on_error and not debugging():  # one line, not the usage of every option first
             parser = getattr(ex, "subcommand_parser", None) or self
-            hint = did_you_mean(message, parser_keys(parser))
+            hint = "" if moved else did_you_mean(message, parser_keys(parser))
             exit_with(parser.prog.replace(" [options]", ""), message + hint, 2, debug_shows="the full usage")
         super().error(message, ex)
 

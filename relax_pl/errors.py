@@ -47,13 +47,22 @@ def reported_as_one_line(prog: str = "python -m relax_pl") -> Iterator[None]:
     except user_errors() as error:
         if debugging():
             raise
-        exit_with(prog, " ".join(str(error).split()))
+        exit_with(prog, str(error))
 
 
 def exit_with(prog: str, message: str, code: int = 1, debug_shows: str = "the traceback") -> NoReturn:
     prog = prog.replace("__main__.py", "python -m relax_pl")
-    sys.stderr.write(f"{prog}: error: {message}  ({DEBUG_ENV}=1 shows {debug_shows})\n")
+    sys.stderr.write(f"{prog}: error: {one_line(message)}  ({DEBUG_ENV}=1 shows {debug_shows})\n")
     raise SystemExit(code)
+
+
+def one_line(message: str) -> str:
+    """A message's lines joined: after a line that ends in ":" by a space, else by "; "."""
+    lines = [" ".join(line.split()) for line in message.splitlines() if line.strip()]
+    joined = lines[0] if lines else ""
+    for line in lines[1:]:
+        joined += (" " if joined.endswith(":") else "; ") + line
+    return joined
 
 
 def unknown_keys(message: str) -> list[str]:
