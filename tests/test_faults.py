@@ -120,6 +120,7 @@ def assert_same_run(folder: Path, uninterrupted: Path, validations_lost: int = 0
     runs, curves = tensorboard_run(folder / "tb")
     expected_runs, expected = tensorboard_run(uninterrupted / "tb")
     assert runs == expected_runs == ["version_0"], runs
+    assert [step for step, _ in expected["actor/pg_loss"]] == list(range(BATCHES))  # each batch logged once
     for tag in ("critic/score/mean", "actor/pg_loss", "actor/grad_norm"):
         assert curves[tag] == expected[tag], tag  # each step once, the same values
     assert curves["val/reward"] == expected["val/reward"][validations_lost:]
