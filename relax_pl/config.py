@@ -93,10 +93,10 @@ class OptimizerConfig:
             raise RecipeError("model.optimizer.lr", self.lr, "the learning rate must be a positive number, e.g. 1e-6")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise RecipeError("model.optimizer.betas", list(self.betas), "each must be in [0, 1), e.g. [0.9, 0.95]")
-        if self.weight_decay < 0 or not self.eps > 0:
-            raise RecipeError(
-                "model.optimizer.weight_decay/eps", [self.weight_decay, self.eps], "weight_decay >= 0 and eps > 0"
-            )
+        if self.weight_decay < 0:
+            raise RecipeError("model.optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        if not self.eps > 0:
+            raise RecipeError("model.optimizer.eps", self.eps, "must be > 0, e.g. 1e-8")
 
     def build(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         kwargs = dict(lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, eps=self.eps)

@@ -236,7 +236,7 @@ class RLVRModule(L.LightningModule):
         self._failed_reward_steps = {name: self._failed_reward_steps.get(name, 0) + 1 for name in all_failed}
         for name, steps in self._failed_reward_steps.items():
             if self.max_failed_reward_steps and steps >= self.max_failed_reward_steps:
-                first_error = " ".join(all_failed[name].strip().splitlines()[-1:])
+                first_error = all_failed[name].strip().splitlines()[-1]  # a worker's traceback: its last line
                 raise RewardFailedError(
                     f"the reward {name} failed on every response of {steps} training steps in a row "
                     f"(model.max_failed_reward_steps={self.max_failed_reward_steps}); its first error: {first_error}"

@@ -13,6 +13,7 @@ from relax_pl.rewards import (
     BoundedScorer,
     Geo3kReward,
     MathReward,
+    RewardScorer,
     RewardTimeoutWarning,
     ScoredBatch,
     VerifiableReward,
@@ -240,6 +241,25 @@ def test_scorer_counts_errors_crashes_and_timeouts():
     assert (batch.errors, batch.timeouts) == (5, 1)
     assert "ValueError: cannot grade this one" in batch.first_error
     assert elapsed < 10.0
+
+
+def test_a_reward_that_fails_on_every_response_is_named():
+    """What RLVRModule counts to stop a run that would train on nothing: each reward (of a list too) that failed
+    on every response, with its first error; a reward that failed on some responses only is not named."""
+    with BoundedScorer(Misbehaving(), timeout_s=0.5) as scorer:
+        failed = scorer(["raise", "hang"], _samples(2))
+        partly = scorer(["raise", "ok"], _samples(2))
+        timed_out = scorer(["hang"], _samples(1))
+    assert list(failed.all_failed) == ["Misbehaving"]
+    assert "ValueError: cannot grade this one" in failed.all_failed["Misbehaving"]  # the first error, not the time-out
+    assert partly.all_failed == {}
+    assert timed_out.all_failed == {"Misbehaving": "every response timed out (timeout_s=0.5)"}
+    scorer = RewardScorer([ExactMatch(), Misbehaving(timeout_s=0.5)])
+    try:
+        batch = scorer(["raise", "raise"], _samples(2, answer="raise"))
+    finally:
+        scorer.close()
+    assert list(batch.all_failed) == ["Misbehaving"]  # ExactMatch scored both
 
 
 def test_scorer_reports_a_worker_crash():
