@@ -11,8 +11,10 @@ checkpoint beside it to resume from.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import pickletools
 import re
 import socket
 import time
@@ -27,6 +29,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 # A temporary file of another machine (a shared filesystem) is left alone unless it is older than this: its
 # writer may still be running, and only processes of this machine can be checked.
 STALE_FOREIGN_TEMPORARY_S = 24 * 3600
+
+
+# torch's zip writer does not say why a write failed; one that failed while its folder had less free space than
+# this (its partial file still there) ran out of disk: a filled disk keeps at most a few blocks free.
+DISK_FULL_BELOW_BYTES = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -86,16 +93,30 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
     try:
         return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "GLOBAL" in str(error):
-            found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        carried = carried_code(str(error))
+        if carried is not None:
             raise CheckpointError(
-                f"refused to load checkpoint {str(path)!r}: its pickle calls {found[1] if found else 'code'}, and "
+                f"refused to load checkpoint {str(path)!r}: its pickle {carried}: it carries code or objects, and "
                 "relax_pl loads only tensors and plain data (torch.load(weights_only=True)), so a checkpoint "
-                "someone shared cannot run code on this machine. relax_pl's own checkpoints never hold code."
+                "someone shared cannot run code on this machine. Do not load it with weights_only=False: that "
+                "would run what it carries. relax_pl's own checkpoints never hold code."
             ) from None
         raise CheckpointError(_unreadable(path, error)) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(_unreadable(path, error)) from error
+
+
+def carried_code(message: str) -> str | None:
+    """What torch's weights-only unpickler refused (``calls posix.system``, or ``uses the opcode STACK_GLOBAL``, which
+    imports by name), from its error message; None when it refused nothing (a damaged file)."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"calls {found[1]}"
+    operand = re.search(r"Unsupported operand (\d+)", message)
+    if operand:
+        opcode = pickletools.code2op.get(chr(int(operand[1])))
+        return f"uses the opcode {opcode.name if opcode else operand[1]}, which torch.load(weights_only=True) refuses"
+    return None
 
 
 def _unreadable(path: Path, error: BaseException) -> str:
@@ -227,6 +248,22 @@ def safe_sharded_loading() -> Iterator[None]:
         model_parallel._distributed_checkpoint_load = original
 
 
+def write_failure(error: BaseException, folder: Path) -> OSError | None:
+    """The OS error behind a failed checkpoint write, or None for an error that is not the file system's.
+
+    torch's zip writer does not raise ``OSError(ENOSPC)`` on a full disk: it raises ``RuntimeError("[enforce fail at
+    inline_container.cc:...] unexpected pos ...")`` (or ``... file write failed``); a full disk is then told by the
+    folder's free space, read before the partial file is removed."""
+    if isinstance(error, OSError):
+        return error
+    if not (isinstance(error, RuntimeError) and "inline_container" in str(error)):
+        return None
+    space = os.statvfs(folder)
+    if space.f_bavail * space.f_frsize < DISK_FULL_BELOW_BYTES:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, f"torch's writer: {str(error).splitlines()[0]}")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, atomic on write and safe on read (see the module docstring).
 
@@ -246,14 +283,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException as error:
+            failure = write_failure(error, path.parent)
             tmp.unlink(missing_ok=True)
-            if not isinstance(error, OSError):
+            if failure is None:
                 raise
             previous = f"the previous {path.name} is intact" if path.exists() else f"there was no {path.name} yet"
+            cause = "the disk is full" if failure.errno == errno.ENOSPC else "the write failed"
             raise CheckpointWriteError(
-                error.errno,
-                f"could not write checkpoint {str(path)!r}: {error.strerror or error}; {previous} and the partial "
-                f"file was removed. Fix the cause (free disk space) and resume with --ckpt_path last",
+                failure.errno,
+                f"could not write checkpoint {str(path)!r}: {cause} ({failure.strerror or failure}); {previous} and "
+                f"the partial file was removed. Fix the cause (free disk space) and resume with --ckpt_path last",
             ) from error
         directory = os.open(path.parent, os.O_RDONLY)
         try:

@@ -17,17 +17,50 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from relax_pl.checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from relax_pl.checkpointing import AtomicCheckpointIO, load_checkpoint_file, newest_intact_checkpoint
 from relax_pl.config import MOVED_OBJECTIVE_KEYS, RENAMED_POLICY_LOSSES
 from relax_pl.data import PromptDataModule
+from relax_pl.errors import debugging, did_you_mean, exit_with, parser_keys
 from relax_pl.module import RLVRModule
 
 
 class LoggerRun(L.Callback):
     """Keeps in each checkpoint which run folder (logger version) the run writes and the step it logged last,
-    so that ``--ckpt_path`` continues the same TensorBoard curves instead of opening a new version."""
+    so that ``--ckpt_path`` continues the same TensorBoard curves instead of opening a new version.
+
+    A checkpoint written at a batch end holds that batch, so the batch's metrics reach the loggers (flushed) before
+    the checkpoint is written: Lightning would log them only after every ``on_train_batch_end`` hook, and a run
+    killed in between would resume after that batch with its points lost for good."""
+
+    def __init__(self) -> None:
+        self._batch_metrics: str | None = None  # "unlogged" from the batch end until they are logged, then "logged"
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        connector = trainer._logger_connector
+        if stage != "fit" or getattr(connector, "_log_train_step", None) is not None:
+            return
+        connector._log_train_step = connector.update_train_step_metrics
+
+        def log_train_step_once() -> None:
+            if self._batch_metrics != "logged":  # not already logged ahead of a checkpoint
+                connector._log_train_step()
+            self._batch_metrics = None
+
+        connector.update_train_step_metrics = log_train_step_once
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        connector = trainer._logger_connector
+        if getattr(connector, "_log_train_step", None) is not None:
+            connector.update_train_step_metrics = connector._log_train_step
+            connector._log_train_step = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        self._batch_metrics = "unlogged"  # runs before ModelCheckpoint's (Lightning orders checkpoint callbacks last)
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._batch_metrics == "unlogged" and getattr(trainer._logger_connector, "_log_train_step", None):
+            trainer._logger_connector._log_train_step()  # then each logger's save(): TensorBoard flushes its file
+            self._batch_metrics = "logged"
         checkpoint["logger_run"] = {
             "versions": [str(logger.version) for logger in trainer.loggers],
             # the step Lightning logs the current batch at (the resumed run logs from the next one)
@@ -49,6 +82,28 @@ def resolve_checkpoint(ckpt_path: str | Path | None, trainer: L.Trainer) -> Path
         for path in Path(callback.dirpath).glob(f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}")
     ]
     return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
+
+
+def resume_path(ckpt_path: str | Path | None, trainer: L.Trainer) -> str | Path | None:
+    """``--ckpt_path last`` before the first ``last.ckpt`` was complete (a run killed between writing
+    ``epoch=0-step=4.ckpt`` and its ``last.ckpt``): the newest intact checkpoint of the ModelCheckpoint folders, said
+    in a warning, instead of Lightning's start from scratch. Any other value as it is."""
+    if ckpt_path != "last" or resolve_checkpoint(ckpt_path, trainer) is not None:
+        return ckpt_path
+    folders = {
+        Path(callback.dirpath)
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir()
+    }
+    intact = [path for path in map(newest_intact_checkpoint, folders) if path is not None]
+    if not intact:
+        return ckpt_path
+    newest = max(intact, key=lambda path: path.stat().st_mtime)
+    rank_zero_warn(
+        f"--ckpt_path last: {str(newest.parent)!r} holds no last.ckpt (the run stopped before writing one); resuming "
+        f"from the newest intact checkpoint there, {newest.name}"
+    )
+    return str(newest)
 
 
 def saved_logger_run(path: Path) -> dict[str, Any] | None:
@@ -79,10 +134,17 @@ def continue_logging(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
 
 
 class RecipeParser(LightningArgumentParser):
-    """LightningCLI's parser, whose errors also say where a key of an older recipe went."""
+    """LightningCLI's parser, whose errors are one line that also says where a key of an older recipe went and which
+    key a mistyped one may be (the full usage with ``RELAX_PL_DEBUG=1``)."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        super().error(message + moved_key_hint(message), ex)
+        moved = moved_key_hint(message)
+        message += moved
+        if self.exit_on_error and not debugging():  # one line, not the usage of every option first
+            parser = getattr(ex, "subcommand_parser", None) or self
+            hint = "" if moved else did_you_mean(message, parser_keys(parser))
+            exit_with(parser.prog.replace(" [options]", ""), message + hint, 2, debug_shows="the full usage")
+        super().error(message, ex)
 
 
 def moved_key_hint(message: str) -> str:
@@ -138,7 +200,10 @@ class RelaxCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        continue_logging(self.trainer, self._get(self.config, "ckpt_path"))
+        ckpt_path = self.config_init[self.subcommand]["ckpt_path"] = resume_path(
+            self._get(self.config, "ckpt_path"), self.trainer
+        )
+        continue_logging(self.trainer, ckpt_path)
 
 
 def differing_hyperparameters(saved: dict[str, Any], recipe_model: Any) -> list[str]:

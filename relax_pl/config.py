@@ -4,6 +4,7 @@ dataclasses that jsonargparse checks key by key before anything is loaded (``mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from relax_pl import objectives as obj
+from relax_pl.errors import RecipeError
 from relax_pl.losses import PolicyLoss, PPOClip
 from relax_pl.rollout import SamplingConfig
 
@@ -67,6 +69,14 @@ class UpdateConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO) and log how many
     logprob_chunk_size: int = 1024  # positions per vocabulary-projection chunk
 
+    def __post_init__(self) -> None:
+        for key in ("ppo_epochs", "mini_batch_size", "micro_batch_size", "logprob_chunk_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise RecipeError(f"model.update.{key}", value, "must be >= 1")
+        if not self.grad_clip > 0:
+            raise RecipeError("model.update.grad_clip", self.grad_clip, "the gradient-norm bound must be > 0")
+
 
 @dataclass
 class OptimizerConfig:
@@ -77,6 +87,16 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise RecipeError("model.optimizer.lr", self.lr, "the learning rate must be a positive number, e.g. 1e-6")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise RecipeError("model.optimizer.betas", list(self.betas), "each must be in [0, 1), e.g. [0.9, 0.95]")
+        if self.weight_decay < 0:
+            raise RecipeError("model.optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        if not self.eps > 0:
+            raise RecipeError("model.optimizer.eps", self.eps, "must be > 0, e.g. 1e-8")
 
     def build(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         kwargs = dict(lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, eps=self.eps)
@@ -99,6 +119,12 @@ class ValidationConfig:
     temperature: float = 0.0
     max_new_tokens: int | None = None  # None: sampling.max_new_tokens
     greedy: bool = True  # with temperature > 0, also decode one greedy response per prompt (val/accuracy/greedy)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise RecipeError(
+                "model.validation.max_new_tokens", self.max_new_tokens, "a response needs >= 1 token (null: sampling's)"
+            )
 
     def sampling(self, training: SamplingConfig) -> SamplingConfig:
         """The training sampling with this section's responses, length and temperature."""

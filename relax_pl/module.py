@@ -28,6 +28,7 @@ from relax_pl.forward import ResponseForward, reference_kl
 from relax_pl.losses import LossInput, UpdatePlan, mini_batch_selection
 from relax_pl.metrics import MeanAccumulator, PhaseTimer, RunCounters, ValidationMeans, correctness
 from relax_pl.metrics import performance_metrics, rollout_metrics
+from relax_pl.errors import RecipeError, RewardFailedError
 from relax_pl.data.prompts import load_processing, prompt_tokens, render_prompt
 from relax_pl.models import EMBEDDED_MODEL
 from relax_pl.rewards import MathReward, RewardScorer, VerifiableReward, named_rewards, reward_fields
@@ -53,6 +54,8 @@ class RLVRModule(L.LightningModule):
         sampling, objective, update, optimizer, validation: see their dataclasses.
         vision: image resizing for vision-language models (Qwen2-VL, Qwen2.5-VL), whose prompts are encoded by
             the checkpoint's processor with each row's images; ignored for text-only models.
+        max_failed_reward_steps: stop the run after this many training steps in a row on which a reward failed
+            (raised or timed out) on every response, naming the reward and its first error; 0 never stops.
         chat_template: overrides the tokenizer's chat template (a Jinja string).
         trust_remote_code: passed to transformers; never set unless the recipe asks.
     """
@@ -70,11 +73,14 @@ class RLVRModule(L.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         validation: ValidationConfig = ValidationConfig(),
         vision: VisionConfig = VisionConfig(),
+        max_failed_reward_steps: int = 3,
         chat_template: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         named_rewards(reward, reward_weights)  # a bad combination fails when the recipe is read
+        if max_failed_reward_steps < 0:
+            raise RecipeError("model.max_failed_reward_steps", max_failed_reward_steps, "must be >= 0 (0: never stop)")
         self.automatic_optimization = False
         self.pretrained = pretrained
         self.model_setup = setup
@@ -82,6 +88,8 @@ class RLVRModule(L.LightningModule):
         self.rollout_engine = rollout
         self.sampling, self.objective, self.update = sampling, objective, update
         self.optimizer_config, self.validation, self.vision = optimizer, validation, vision
+        self.max_failed_reward_steps = max_failed_reward_steps
+        self._failed_reward_steps: dict[str, int] = {}  # per reward: the training steps in a row it failed entirely
         self.chat_template = chat_template
         self.trust_remote_code = trust_remote_code
         self.policy: nn.Module | None = None
@@ -156,8 +164,8 @@ class RLVRModule(L.LightningModule):
         """Refuse update settings that would silently compute something else than asked (before any weights load)."""
         group, mini = self.sampling.num_responses, self.update.mini_batch_size
         if group < 2:
-            raise ValueError(
-                f"model.sampling.num_responses={group}: GRPO's advantage is relative to the prompt's group, so a group "
+            raise RecipeError(
+                "model.sampling.num_responses", group, "GRPO's advantage is relative to the prompt's group, so a group "
                 "of one has advantage 0 and trains nothing; use 2 or more (model.validation.num_responses sets how "
                 "many answers validation samples)"
             )
@@ -229,7 +237,21 @@ class RLVRModule(L.LightningModule):
         self._counters.scored(scored.timeouts, scored.errors)
         if scored.first_error:
             rank_zero_warn(f"the reward failed on {scored.errors} response(s); first error: {scored.first_error}")
+        if self._trainer is not None and self.trainer.training:
+            self.stop_on_failing_reward(scored.all_failed)
         return {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in scored.components.items()}
+
+    def stop_on_failing_reward(self, all_failed: dict[str, str]) -> None:
+        """Count, per reward, the training steps in a row on which it failed on every response; raise once one
+        reaches ``max_failed_reward_steps``: the run would go on training on nothing."""
+        self._failed_reward_steps = {name: self._failed_reward_steps.get(name, 0) + 1 for name in all_failed}
+        for name, steps in self._failed_reward_steps.items():
+            if self.max_failed_reward_steps and steps >= self.max_failed_reward_steps:
+                first_error = all_failed[name].strip().splitlines()[-1]  # a worker's traceback: its last line
+                raise RewardFailedError(
+                    f"the reward {name} failed on every response of {steps} training steps in a row "
+                    f"(model.max_failed_reward_steps={self.max_failed_reward_steps}); its first error: {first_error}"
+                )
 
     def drop_uniform_groups(self, rollout: RolloutBatch) -> tuple[RolloutBatch, float]:
         uniform = obj.uniform_groups(rollout.rewards, rollout.group_size)

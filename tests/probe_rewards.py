@@ -49,3 +49,10 @@ class FlakyReward(VerifiableReward):
         if kind == 3:
             time.sleep(30)
         return {"overall": float(len(completion) % 2 == 0)}
+
+
+class BrokenReward(VerifiableReward):
+    """Raises on every response: a reward with a bug (a wrong column name)."""
+
+    def score(self, completion: str, sample: dict) -> dict[str, float]:
+        return {"overall": float(sample["solution"] == completion)}

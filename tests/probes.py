@@ -27,6 +27,7 @@ from relax_pl.objectives import group_advantages
 
 # the rewards live in a light module of their own (scoring workers import it); recipes may name them here
 from probe_rewards import (  # noqa: F401
+    BrokenReward,
     EvenRowsParityReward,
     FlakyReward,
     LengthParityReward,
@@ -95,10 +96,14 @@ class KillAt(RLVRCallback):
     - ``update``: before the second optimiser step of that batch (the first one applied, the rest not);
     - ``checkpoint_write``: halfway through the bytes of the first checkpoint file written after that batch
       (flushed and fsynced, so the partial temporary file is on disk);
+    - ``last_checkpoint_write``: the same, in the first ``last.ckpt`` written after that batch;
+    - ``after_last_checkpoint``: right after the first ``last.ckpt`` written after that batch is renamed into place;
     - ``validation``: at the start of the second validation batch after that batch.
     """
 
-    PHASES = ("generation", "update", "checkpoint_write", "validation")
+    PHASES = (
+        "generation", "update", "checkpoint_write", "last_checkpoint_write", "after_last_checkpoint", "validation"
+    )
 
     def __init__(self, phase: str, step: int, marker: str) -> None:
         if phase not in self.PHASES:
@@ -113,12 +118,12 @@ class KillAt(RLVRCallback):
         os.kill(os.getpid(), signal.SIGKILL)
 
     def setup(self, trainer, module, stage: str) -> None:
-        if self.phase == "checkpoint_write":
-            io = trainer.strategy.checkpoint_io
+        io = trainer.strategy.checkpoint_io
+        if self.phase in ("checkpoint_write", "last_checkpoint_write"):
             write = io.write
 
             def write_half_then_die(checkpoint, file) -> None:
-                if self.batch < self.step:
+                if self.batch < self.step or self.phase == "last_checkpoint_write" and ".last.ckpt." not in file.name:
                     return write(checkpoint, file)
                 buffer = io_module.BytesIO()
                 torch.save(checkpoint, buffer)
@@ -129,6 +134,15 @@ class KillAt(RLVRCallback):
                 self.die(trainer, file=file.name, written=len(data) // 2, size=len(data))
 
             io.write = write_half_then_die
+        if self.phase == "after_last_checkpoint":
+            save = io.save_checkpoint
+
+            def save_then_die(checkpoint, path, storage_options=None) -> None:
+                save(checkpoint, path, storage_options)
+                if self.batch >= self.step and Path(path).name == "last.ckpt":
+                    self.die(trainer, file=str(path))
+
+            io.save_checkpoint = save_then_die
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
         self.batch, self.optimizer_steps = batch_idx, 0
@@ -184,6 +198,29 @@ class NonFiniteLossAt(RLVRCallback):
             self.unchanged = same
         else:
             self.changed.append(not same)
+
+
+class OptimizerStepSpy(RLVRCallback):
+    """Records, per training batch, each real step of the torch optimiser (its own ``step``, under Lightning's
+    wrappers) and whether it changed the policy's weights: ``steps[batch] == [True, True, ...]``."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[bool]] = []
+
+    def on_train_start(self, trainer, module) -> None:
+        optimizer = module.optimizers().optimizer
+        step, params = optimizer.step, [p for p in module.policy.parameters() if p.requires_grad]
+
+        def recorded_step(*args, **kwargs):
+            before = [p.detach().clone() for p in params]
+            result = step(*args, **kwargs)
+            self.steps[-1].append(any(not torch.equal(b, p) for b, p in zip(before, params)))
+            return result
+
+        optimizer.step = recorded_step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        self.steps.append([])
 
 
 # ------------------------------------------------------------------------------------------------ weights

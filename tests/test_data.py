@@ -16,6 +16,7 @@ from PIL import Image
 
 from relax_pl.data import TASKS, DataError, PromptDataModule, ResumableSampler, arithmetic, load_rows
 from relax_pl.data.sources import is_hub_id
+from relax_pl.errors import RecipeError
 from relax_pl.data.tasks import evaluate, split_of
 
 
@@ -134,10 +135,33 @@ def test_bad_json_line_names_file_and_line(tmp_path):
         load_rows(str(path), "train")
 
 
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"problem": "a", "answer": "1"}\n{"problem": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(DataError, match=rf"^{path}: line 2 is not UTF-8 \(byte b'\\xe9' at column 17\); save the"):
+        PromptDataModule(str(path)).setup("fit")
+
+
+def test_lone_surrogate_is_refused_when_the_data_loads(tmp_path):
+    """``"\\ud800"`` is valid JSON but no text: the tokenizer failed on it mid-run, at that row's batch (and again
+    after every resume). It is refused at setup, naming file, row, line and field."""
+    rows = [{"problem": "a", "answer": "1"}, '{"problem": "x\\ud800y", "answer": "2"}']
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    surrogate = r"s\.jsonl row 1 \(line 2\): field 'problem' holds a lone surrogate '\\ud800' at character 1"
+    with pytest.raises(DataError, match=surrogate):
+        PromptDataModule(str(path)).setup("fit")
+    pair = write_jsonl(tmp_path / "pair.jsonl", ['{"problem": "\\ud83d\\ude00", "answer": "\\ud83d\\ude00"}'])
+    dm = PromptDataModule(str(pair), batch_size=1)
+    dm.setup("fit")
+    assert samples(dm)[0]["prompt"] == "\U0001F600"  # a whole pair is one character
+
+
 def test_missing_file_and_folder_split(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        PromptDataModule(str(missing)).setup("fit")
+    with pytest.raises(RecipeError, match=rf"^data.train_source='{missing}': no such file or folder"):
+        PromptDataModule(str(missing))  # when the recipe is read, naming the key
+    with pytest.raises(RecipeError, match=r"^data.val_source='./nope/val.jsonl': no such file or folder"):
+        PromptDataModule("builtin:arithmetic", val_source="./nope/val.jsonl")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_rows("./not/here", "train")
     write_jsonl(tmp_path / "train.jsonl", [{"problem": "a", "answer": "1"}])

@@ -14,9 +14,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import socket
+import stat
 import subprocess
 import sys
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +30,7 @@ import yaml
 
 from relax_pl.checkpointing import AtomicCheckpointIO, CheckpointError, CheckpointWriteError, load_checkpoint_file
 from relax_pl.cli import main
+from relax_pl.errors import RewardFailedError
 from relax_pl.export import export
 
 from probes import (
@@ -105,17 +111,19 @@ def resume(folder: Path) -> None:
     main(["fit", "--config", str(folder / "recipe.yaml"), "--ckpt_path", "last"])
 
 
-def assert_same_run(folder: Path, uninterrupted: Path) -> None:
+def assert_same_run(folder: Path, uninterrupted: Path, validations_lost: int = 0) -> None:
     """The resumed run ends on the uninterrupted run's weights, in one TensorBoard run folder whose curves are
-    the uninterrupted run's (each step once, the same values)."""
+    the uninterrupted run's (each step once, the same values), less the first ``validations_lost`` validations."""
     checkpoint = load_checkpoint_file(last_checkpoint(folder))
     assert checkpoint["global_step"] == BATCHES * OPTIMIZER_STEPS_PER_BATCH
     assert_same_weights(policy_weights(last_checkpoint(folder)), policy_weights(last_checkpoint(uninterrupted)))
     runs, curves = tensorboard_run(folder / "tb")
     expected_runs, expected = tensorboard_run(uninterrupted / "tb")
     assert runs == expected_runs == ["version_0"], runs
-    for tag in ("critic/score/mean", "actor/pg_loss", "actor/grad_norm", "val/reward"):
+    assert [step for step, _ in expected["actor/pg_loss"]] == list(range(BATCHES))  # each batch logged once
+    for tag in ("critic/score/mean", "actor/pg_loss", "actor/grad_norm"):
         assert curves[tag] == expected[tag], tag  # each step once, the same values
+    assert curves["val/reward"] == expected["val/reward"][validations_lost:]
     assert temporaries(folder) == []  # a killed write's partial file is gone after the next good write
 
 
@@ -147,6 +155,32 @@ def test_sigkill_during_a_checkpoint_write(tmp_path, tiny_model, uninterrupted):
     resume(tmp_path)  # lost: batches 2 and 3, trained again from the checkpoint of batch 1
     assert not partial.exists()
     assert_same_run(tmp_path, uninterrupted)
+
+
+def test_sigkill_right_after_a_checkpoint_loses_no_logged_point(tmp_path, tiny_model, uninterrupted):
+    """Killed right after batch 1's last.ckpt is renamed into place: Lightning logs a batch's metrics after every
+    on_train_batch_end hook, ModelCheckpoint's included, so batch 1's points were lost for good (the resumed run
+    starts at batch 2). They reach TensorBoard before the checkpoint now."""
+    killed = run_killed(tmp_path, tiny_model, "after_last_checkpoint", step=1)
+    assert killed["file"] == str(last_checkpoint(tmp_path)) and killed["global_step"] == CHECKPOINT_EVERY
+    _, logged = tensorboard_run(tmp_path / "tb")
+    assert [step for step, _ in logged["actor/pg_loss"]] == [0, 1]  # batch 1's points were on disk at the kill
+    resume(tmp_path)  # lost: the validation that was due after batch 1 (as when killed during it)
+    assert_same_run(tmp_path, uninterrupted, validations_lost=1)  # every training step once, batch 1's included
+
+
+def test_sigkill_before_the_first_last_checkpoint_resumes_from_the_newest_intact_one(tmp_path, tiny_model,
+                                                                                     uninterrupted):
+    """Killed halfway through the first last.ckpt, after epoch=0-step=8.ckpt was complete: ``--ckpt_path last``
+    started from scratch (Lightning finds no last*.ckpt); it resumes from that checkpoint and says so."""
+    killed = run_killed(tmp_path, tiny_model, "last_checkpoint_write", step=1)
+    assert Path(killed["file"]).name.startswith(".last.ckpt.") and killed["global_step"] == CHECKPOINT_EVERY
+    assert not last_checkpoint(tmp_path).exists()
+    newest = tmp_path / "checkpoints" / f"epoch=0-step={CHECKPOINT_EVERY}.ckpt"
+    with pytest.warns(UserWarning, match=rf"holds no last.ckpt .*; resuming from the newest intact checkpoint there, "
+                                         rf"{newest.name}"):
+        resume(tmp_path)  # lost: the validation that was due after batch 1
+    assert_same_run(tmp_path, uninterrupted, validations_lost=1)
 
 
 def test_sigkill_during_validation(tmp_path, tiny_model, uninterrupted):
@@ -182,9 +216,9 @@ def test_disk_full_during_a_checkpoint_write(tmp_path, tiny_model, monkeypatch):
         main(["fit", "--config", str(recipe)])
     assert raised.value.errno == errno.ENOSPC
     assert str(raised.value) == (
-        f"[Errno 28] could not write checkpoint '{checkpoints / 'last.ckpt'}': No space left on device; the previous "
-        "last.ckpt is intact and the partial file was removed. Fix the cause (free disk space) and resume with "
-        "--ckpt_path last"
+        f"[Errno 28] could not write checkpoint '{checkpoints / 'last.ckpt'}': the disk is full (No space left on "
+        "device); the previous last.ckpt is intact and the partial file was removed. Fix the cause (free disk space) "
+        "and resume with --ckpt_path last"
     )
     assert temporaries(tmp_path) == []  # the partial file was removed at once
     assert load_checkpoint_file(checkpoints / "last.ckpt")["global_step"] == CHECKPOINT_EVERY  # intact
@@ -196,6 +230,74 @@ def test_disk_full_during_a_checkpoint_write(tmp_path, tiny_model, monkeypatch):
     resume(tmp_path)
     assert load_checkpoint_file(checkpoints / "last.ckpt")["global_step"] == BATCHES * OPTIMIZER_STEPS_PER_BATCH
     assert temporaries(tmp_path) == []
+
+
+@contextmanager
+def small_tmpfs(folder: Path, size: int) -> Iterator[Path]:
+    """A real file system of ``size`` bytes mounted at ``folder`` (root only; skips the test with the reason
+    when it cannot be mounted)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="filling a real disk needs a small tmpfs, and mounting one needs root")
+def test_really_full_disk_during_a_checkpoint_write(tmp_path, uninterrupted):
+    """On a real full disk torch's zip writer raises RuntimeError("[enforce fail at inline_container.cc...]
+    unexpected pos"), not OSError(ENOSPC). The disk is filled to leave 1/12 .. 11/12 of a checkpoint free (the write
+    breaks at a different point each time): each write fails naming the file, "the disk is full" and that the
+    previous last.ckpt is intact, leaves no partial file, and the previous checkpoint still loads."""
+    checkpoint = load_checkpoint_file(last_checkpoint(uninterrupted))
+    size = last_checkpoint(uninterrupted).stat().st_size
+    io = AtomicCheckpointIO()
+    with small_tmpfs(tmp_path / "disk", 3 * size) as disk:
+        last = disk / "last.ckpt"
+        io.save_checkpoint(checkpoint, last)
+        for twelfths in range(1, 12):
+            filler = disk / "filler"
+            filler.unlink(missing_ok=True)
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            filler.write_bytes(b"\0" * (free - size * twelfths // 12))
+            with pytest.raises(CheckpointWriteError) as raised:
+                io.save_checkpoint({**checkpoint, "global_step": twelfths}, last)
+            assert raised.value.errno == errno.ENOSPC, (twelfths, str(raised.value))
+            assert str(raised.value).startswith(
+                f"[Errno 28] could not write checkpoint '{last}': the disk is full (No space left on device); the "
+                "previous last.ckpt is intact and the partial file was removed"
+            ), (twelfths, str(raised.value))
+            assert sorted(p.name for p in disk.iterdir()) == ["filler", "last.ckpt"]  # no partial file left
+            assert load_checkpoint_file(last)["global_step"] == checkpoint["global_step"]  # the previous one, intact
+
+
+def test_checkpoint_writes_fsync_the_file_then_rename_then_fsync_the_folder(tmp_path, monkeypatch):
+    """Atomic and durable: the temporary file's bytes reach the disk (fsync) before the rename makes them the
+    checkpoint, and the folder's entry reaches it (fsync of the folder) after; without either a power loss can
+    leave an empty or missing last.ckpt although the rename happened."""
+    import relax_pl.checkpointing as checkpointing
+
+    calls = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        calls.append(("fsync folder",) if stat.S_ISDIR(info.st_mode) else ("fsync file", info.st_size))
+        fsync(fd)
+
+    def spy_replace(source, target) -> None:
+        calls.append(("replace", Path(source).name.startswith(".last.ckpt."), Path(target).name))
+        replace(source, target)
+
+    monkeypatch.setattr(checkpointing.os, "fsync", spy_fsync)
+    monkeypatch.setattr(checkpointing.os, "replace", spy_replace)
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(1000)}}, tmp_path / "last.ckpt")
+    size = (tmp_path / "last.ckpt").stat().st_size
+    assert calls == [("fsync file", size), ("replace", True, "last.ckpt"), ("fsync folder",)]
 
 
 def test_corrupt_last_checkpoint_names_the_newest_intact_one(tmp_path, tiny_model):
@@ -237,6 +339,19 @@ def test_reward_that_raises_returns_nan_or_no_overall(tmp_path, tiny_model):
     assert sum(logged["reward/timeouts"]) >= 1
     assert logged["reward/failures_total"][-1] == sum(logged["reward/errors"]) + sum(logged["reward/timeouts"])
     assert moved_weights(policy_weights(last_checkpoint(tmp_path)), tiny_model)
+
+
+def test_reward_that_fails_on_every_response_stops_the_run(tmp_path, tiny_model):
+    """A reward that raises on every response trained on nothing while the run "succeeded": after
+    ``model.max_failed_reward_steps`` such steps in a row the run stops, naming the reward and its first error."""
+    recipe = fault_recipe(tmp_path, tiny_model, reward={"class_path": "probes.BrokenReward"}, max_failed_reward_steps=2)
+    with pytest.warns(UserWarning, match="the reward failed on 8 response"), pytest.raises(RewardFailedError) as raised:
+        main(["fit", "--config", str(recipe), "--trainer.limit_val_batches", "0"])
+    assert str(raised.value) == (
+        "the reward BrokenReward failed on every response of 2 training steps in a row "
+        "(model.max_failed_reward_steps=2); its first error: KeyError: 'solution'"
+    )
+    assert tensorboard_logs(tmp_path)[0]["reward/errors"] == [8.0]  # step 0 trained on nothing; step 1 stopped
 
 
 def test_non_finite_loss_skips_the_update(tmp_path, tiny_model):
@@ -299,6 +414,30 @@ def test_checkpoint_that_carries_code_is_refused(tmp_path, tiny_model, uninterru
     with pytest.raises(CheckpointError, match=refused):
         export(recipe, folder, tmp_path / "export_sharded")
     assert not marker.exists()
+
+
+def test_checkpoint_that_imports_by_opcode_is_refused_as_carrying_code(tmp_path):
+    """A pickle that imports with STACK_GLOBAL (what protocols 4 and 5 write) is refused by torch with
+    "Unsupported operand 147" and advice to load it with weights_only=False: it was reported as "truncated or
+    corrupt" with that advice inside. It is named as carrying code, and the advice is turned round."""
+    command = f"touch {tmp_path / 'ran'}".encode()
+    calls_system = (  # os.system(command): PROTO 2, two strings, STACK_GLOBAL, the argument, TUPLE1, REDUCE, STOP
+        b"\x80\x02X\x05\x00\x00\x00posixX\x06\x00\x00\x00system\x93X" + len(command).to_bytes(4, "little")
+        + command + b"\x85R."
+    )
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    shared = tmp_path / "shared.ckpt"
+    with zipfile.ZipFile(tmp_path / "plain.ckpt") as plain, zipfile.ZipFile(shared, "w") as out:
+        for item in plain.infolist():
+            out.writestr(item, calls_system if item.filename.endswith("data.pkl") else plain.read(item.filename))
+    pickle.loads(calls_system.replace(command, b"true".ljust(len(command))))  # the bytes are a working call
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint_file(shared)
+    message = str(raised.value)
+    assert message.startswith(f"refused to load checkpoint '{shared}': its pickle uses the opcode STACK_GLOBAL")
+    assert "carries code" in message and "Do not load it with weights_only=False" in message
+    assert "corrupt" not in message and "will likely succeed" not in message
+    assert not (tmp_path / "ran").exists()
 
 
 def test_checkpoint_hyperparameters_never_change_the_run(tmp_path, tiny_model, uninterrupted):

@@ -16,9 +16,10 @@ import yaml
 
 from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.cli import main
+from relax_pl.errors import RecipeError
 from relax_pl.module import RLVRModule
 
-from probes import assert_same_weights, moved_weights, policy_weights, tensorboard_logs, tiny_recipe
+from probes import OptimizerStepSpy, assert_same_weights, moved_weights, policy_weights, tensorboard_logs, tiny_recipe
 
 
 def write_recipe(folder: Path, model: Path, max_steps: int = 2, every_n: int = 1) -> Path:
@@ -103,6 +104,69 @@ def test_bad_key_fails_before_loading_a_model(tmp_path, tiny_model, capsys, monk
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(bad)])
     assert "micro_batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, value, line",
+    [
+        ("model.optimizer.lr", "-0.001", "model.optimizer.lr=-0.001: the learning rate must be a positive number"),
+        ("model.sampling.max_new_tokens", "0", "model.sampling.max_new_tokens=0: a response needs >= 1 token"),
+        ("model.validation.max_new_tokens", "0", "model.validation.max_new_tokens=0: a response needs >= 1 token"),
+        ("model.update.micro_batch_size", "0", "model.update.micro_batch_size=0: must be >= 1"),
+        ("data.train_source", "./missing.jsonl", "data.train_source='./missing.jsonl': no such file or folder"),
+    ],
+)
+def test_bad_values_fail_naming_the_key_when_the_recipe_is_read(tmp_path, tiny_model, monkeypatch, option, value, line):
+    """Before: a negative lr failed after the weights loaded with a torch traceback, max_new_tokens 0 did not say
+    which key, a validation max_new_tokens of 0 was silently the training one, a missing file did not name its key."""
+    import relax_pl.setups
+
+    monkeypatch.setattr(relax_pl.setups, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(RecipeError) as raised:
+        main(["fit", "--config", str(write_recipe(tmp_path, tiny_model)), f"--{option}", value])
+    assert str(raised.value).startswith(line)
+
+
+def test_a_user_error_is_one_line_and_a_mistyped_key_gets_a_did_you_mean(tmp_path, tiny_model):
+    """``python -m relax_pl``: a bad value is one line (exit 1), its traceback only with RELAX_PL_DEBUG=1; a mistyped
+    key is one line naming the key it may be (exit 2), not the 110-line usage first."""
+    recipe = write_recipe(tmp_path, tiny_model)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+
+    def run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "relax_pl", "fit", "--config", str(recipe), *args]
+        return subprocess.run(command, env={**env, **extra_env}, capture_output=True, text=True, timeout=300)
+
+    bad = run("--model.optimizer.lr", "-0.001")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "python -m relax_pl: error: model.optimizer.lr=-0.001: the learning rate must be a positive number, e.g. 1e-6"
+        "  (RELAX_PL_DEBUG=1 shows the traceback)"
+    )
+    debug = run("--model.optimizer.lr", "-0.001", RELAX_PL_DEBUG="1")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].startswith("relax_pl.errors.RecipeError: model.optimizer.lr=-0.001")
+    typo = run("--model.optimizer.lrr", "0.1")
+    assert typo.returncode == 2 and "usage:" not in typo.stderr, typo.stderr[-2000:]
+    assert typo.stderr.strip().splitlines()[-1] == (
+        "python -m relax_pl fit: error: unrecognized arguments: --model.optimizer.lrr 0.1 (model.optimizer.lrr: did "
+        "you mean model.optimizer.lr?)  (RELAX_PL_DEBUG=1 shows the full usage)"
+    )
+
+
+def test_every_optimiser_step_is_applied_and_moves_the_weights(tmp_path, tiny_model):
+    """ppo_epochs x mini-batches real optimiser steps per training batch (2 x 2 here), each changing the weights,
+    counted at the torch optimiser itself: a lost step (every second one dropped, one taken on zeroed gradients)
+    shows here and not only through its side effects."""
+    recipe = write_recipe(tmp_path, tiny_model, max_steps=2 * 4)
+    config = yaml.safe_load(recipe.read_text())
+    config["trainer"]["callbacks"].append({"class_path": "probes.OptimizerStepSpy"})
+    config["trainer"]["limit_val_batches"] = 0
+    recipe.write_text(yaml.safe_dump(config))
+    cli = main(["fit", "--config", str(recipe)])
+    spy = next(callback for callback in cli.trainer.callbacks if isinstance(callback, OptimizerStepSpy))
+    assert spy.steps == [[True] * 4, [True] * 4]
+    assert cli.trainer.global_step == 8
 
 
 def test_print_config_of_every_shipped_recipe(capsys):

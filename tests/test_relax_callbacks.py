@@ -89,7 +89,7 @@ def test_descent_on_l_xp_raises_dsd_only_for_positive_ungated_responses():
 
 def test_gated_kl_reaches_only_over_dispersed_responses():
     fit, (hidden, mask) = fitted_koopman(), synthetic_batch(seed=1)
-    values, valid = dsd(hidden, mask, fit.dictionary, n_min=N_MIN)
+    values, valid = dsd(hidden, mask, fit.dictionary, n_min=N_MIN, spectrum="eig")
     xi = float(values[valid].median())
     kl = torch.rand(mask.shape, generator=torch.Generator().manual_seed(2), requires_grad=True)
     for positive_only in (True, False):
@@ -198,6 +198,45 @@ def test_l_xp_shares_over_a_split_group_add_up_to_the_whole_group_loss():
         value, grad = value_and_grad(parts)
         assert value == pytest.approx(whole_value, rel=1e-12), parts
         torch.testing.assert_close(grad, whole_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_gated_kl_shares_of_a_split_mini_batch_add_up_to_the_whole_batch_value(loss_agg_mode):
+    """The gated KL is aggregated with the mini-batch's normaliser, as the policy loss is: cut the mini-batch into
+    micro-batches every which way and the shares add up to the whole-batch value (a micro-batch's own normaliser
+    would not: only the slow end-to-end invariance test caught that)."""
+    fit, (hidden, mask) = fitted_koopman(), synthetic_batch()
+    mask[1, 20:] = False  # responses of different lengths: token-mean and seq-mean-token-mean differ
+    values, valid = dsd(hidden, mask, fit.dictionary, n_min=N_MIN, spectrum="eig")
+    xi = float(values[valid].median())
+    kl = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * mask
+    normaliser = float(mask.sum()) if loss_agg_mode == "token-mean" else float(len(mask))
+
+    def gated_kl(parts: list[list[int]]) -> float:
+        explore = LatentExploration(alpha=0.0, xi=xi, kl_coef=0.5, gate_positive_only=False, n_min=N_MIN,
+                                    spectrum="eig")
+        explore.on_train_batch_start(None)
+        total = 0.0
+        for part in parts:
+            rows = torch.tensor(part)
+            forward = PolicyForward(
+                response_mask=mask[rows], logp=torch.zeros(mask[rows].shape, dtype=torch.float64),
+                advantages=ADVANTAGES[rows], group_index=GROUPS[rows], hidden=hidden[rows], rows=rows,
+                loss_agg_mode=loss_agg_mode, normaliser=normaliser, mini_batch_responses=len(mask),
+                reference_kl=lambda selected, rows=rows: kl[rows][selected],
+            )
+            terms = explore.policy_loss_terms(SimpleNamespace(callbacks=[fit, explore]), None, forward)
+            total += float(terms.losses["relax/gated_kl_loss"])
+        return total
+
+    gate = valid & (values > xi)
+    assert 0 < int(gate.sum()) < int(valid.sum())  # some responses gated, some not
+    per_response = (kl * mask).sum(-1) / (mask.sum(-1) if loss_agg_mode == "seq-mean-token-mean" else 1)
+    expected = 0.5 * float(per_response[gate].sum()) / normaliser
+    whole = gated_kl([list(range(6))])
+    assert whole == pytest.approx(expected, rel=1e-12) and whole > 0
+    for parts in ([[0], [1, 2], [3, 4], [5]], [[0, 1, 2, 3], [4, 5]], [[i] for i in range(6)]):
+        assert gated_kl(parts) == pytest.approx(whole, rel=1e-12), parts
 
 
 def test_a_group_without_valid_response_does_not_reweight_the_others():

@@ -13,6 +13,7 @@ from relax_pl.rewards import (
     BoundedScorer,
     Geo3kReward,
     MathReward,
+    RewardScorer,
     RewardTimeoutWarning,
     ScoredBatch,
     VerifiableReward,
@@ -242,6 +243,25 @@ def test_scorer_counts_errors_crashes_and_timeouts():
     assert elapsed < 10.0
 
 
+def test_a_reward_that_fails_on_every_response_is_named():
+    """What RLVRModule counts to stop a run that would train on nothing: each reward (of a list too) that failed
+    on every response, with its first error; a reward that failed on some responses only is not named."""
+    with BoundedScorer(Misbehaving(), timeout_s=0.5) as scorer:
+        failed = scorer(["raise", "hang"], _samples(2))
+        partly = scorer(["raise", "ok"], _samples(2))
+        timed_out = scorer(["hang"], _samples(1))
+    assert list(failed.all_failed) == ["Misbehaving"]
+    assert "ValueError: cannot grade this one" in failed.all_failed["Misbehaving"]  # the first error, not the time-out
+    assert partly.all_failed == {}
+    assert timed_out.all_failed == {"Misbehaving": "every response timed out (timeout_s=0.5)"}
+    scorer = RewardScorer([ExactMatch(), Misbehaving(timeout_s=0.5)])
+    try:
+        batch = scorer(["raise", "raise"], _samples(2, answer="raise"))
+    finally:
+        scorer.close()
+    assert list(batch.all_failed) == ["Misbehaving"]  # ExactMatch scored both
+
+
 def test_scorer_reports_a_worker_crash():
     with BoundedScorer(Misbehaving()) as scorer:
         batch = scorer(["segfault", "ok"], _samples(2))
@@ -405,6 +425,31 @@ def test_pool_keeps_input_order_and_survives_a_stuck_worker():
     assert (batch.timeouts, batch.errors) == (1, 0)
     assert len(set(batch.components["pid"]) - {0.0}) > 1  # the work was shared
     assert len(before - after) == 1 and len(after) == 3  # the stuck worker alone was killed and replaced
+
+
+class Spins(VerifiableReward):
+    """Loops in pure Python on "spin" (what the worker's own alarm interrupts); its pid otherwise."""
+
+    def score(self, completion: str, sample: dict) -> dict[str, float]:
+        while completion == "spin":
+            pass
+        return {"overall": 1.0, "pid": float(os.getpid())}
+
+
+def test_a_pure_python_overrun_is_interrupted_inside_the_worker_which_lives_on(monkeypatch):
+    """The worker's own alarm ends an overrun in Python code: the worker lives on (same pid, no replacement). With
+    the alarm off the caller's kill still bounds the response, but every overrun then costs a worker restart."""
+    replaced = []
+    replace = BoundedScorer._replace
+    monkeypatch.setattr(BoundedScorer, "_replace", lambda self, slot: (replaced.append(slot), replace(self, slot)))
+    with BoundedScorer(Spins(), timeout_s=0.5, workers=1) as scorer:
+        first = scorer(["fine"], _samples(1))
+        pid = scorer._workers[0].process.pid
+        batch = scorer(["spin", "fine"], _samples(2))
+        assert scorer._workers[0].process.pid == pid and scorer._workers[0].process.is_alive()
+    assert first.components["pid"] == [pid]
+    assert (batch.timeouts, batch.errors) == (1, 0) and batch.components["pid"] == [0.0, pid]  # the same worker
+    assert replaced == []
 
 
 def test_pool_gives_the_same_rewards_as_one_worker():

@@ -6,13 +6,15 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from relax_pl.data.sources import DataError, Rows, is_hub_id, load_rows
+from relax_pl.data.sources import DataError, Rows, is_hub_id, load_rows, looks_like_path
+from relax_pl.errors import RecipeError
 
 
 def template_fields(template: str) -> list[str]:
@@ -74,6 +76,15 @@ def build_messages(
 
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """The position of the first character of ``text`` that UTF-8 cannot encode (half a surrogate pair), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
 
 
 def _is_missing(value: Any) -> bool:
@@ -196,6 +207,12 @@ class PromptDataset(Dataset):
             raise DataError(f"{where}: answer field {self.answer_key!r} must be a string or a number, got {kind}")
         if self.image_key is not None and _is_missing(row.get(self.image_key)):
             raise DataError(f"{where}: missing image field {self.image_key!r} (fields: {self.rows.fields(row)})")
+        for key in (self.prompt_key, self.answer_key, *self.template_fields):
+            if isinstance(row.get(key), str) and (position := _lone_surrogate(row[key])) is not None:
+                raise DataError(
+                    f"{where}: field {key!r} holds a lone surrogate {row[key][position]!r} at character {position}, "
+                    "which no tokenizer can encode; fix the row (a JSON \\ud800-\\udfff escape must be one of a pair)"
+                )
         try:
             text = self.prompt_template.format_map({**row, "prompt": prompt})
         except (KeyError, AttributeError, IndexError) as error:
@@ -331,6 +348,10 @@ class PromptDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         template_fields(prompt_template)  # fail on a bad template before any data is read
+        for key, source in (("data.train_source", train_source), ("data.val_source", val_source)):
+            if source is not None and looks_like_path(source) and not Path(source).expanduser().exists():
+                where = str(Path(source).expanduser().absolute())
+                raise RecipeError(key, source, f"no such file or folder ({where!r}); give the path of the data")
         self.save_hyperparameters()
         self.train_source = train_source
         self.train_split = train_split

@@ -160,10 +160,21 @@ def is_hub_id(source: str) -> bool:
 
 
 def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """The JSON objects of a JSONL file and the line number of each; blank lines are skipped."""
+    """The JSON objects of a JSONL file and the line number of each; blank lines are skipped.
+
+    Raises:
+        DataError: a line that is not UTF-8, not JSON or not an object, naming the file and the line.
+    """
     rows, lines = [], []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}: line {number} is not UTF-8 (byte {raw[error.start:error.start + 1]!r} at column "
+                    f"{error.start + 1}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:

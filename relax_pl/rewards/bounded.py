@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 from relax_pl.rewards.base import VerifiableReward, mark_scoring_process
@@ -56,12 +56,14 @@ class ScoredBatch:
         timeouts: responses whose scoring exceeded the time bound (all their components are 0).
         errors: responses whose scoring raised or crashed the worker (all their components are 0).
         first_error: the message of the first error, ``None`` when there was none.
+        all_failed: the rewards that failed (raised or timed out) on every response, each with its first error.
     """
 
     components: dict[str, list[float]]
     timeouts: int = 0
     errors: int = 0
     first_error: str | None = None
+    all_failed: dict[str, str] = field(default_factory=dict)
 
 
 def _checked_score(reward: VerifiableReward, completion: str, sample: dict) -> dict[str, float]:
@@ -226,7 +228,11 @@ class BoundedScorer:
                 raise ValueError(f"samples[{index}] lacks {missing}; it has {sorted(sample)}")
         with self._lock:
             outcomes = self._score_all(list(zip(completions, samples)))
-        return _collect(outcomes)
+        scored = _collect(outcomes)
+        if outcomes and scored.timeouts + scored.errors == len(outcomes):
+            first = scored.first_error or f"every response timed out (timeout_s={self.timeout_s})"
+            scored.all_failed = {type(self.reward).__name__: first}
+        return scored
 
     def _score_all(self, requests: list[tuple[str, dict]]) -> list[Outcome]:
         """Hand each request to the next free worker; collect answers, time-outs and deaths as they come."""

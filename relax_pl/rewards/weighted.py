@@ -87,6 +87,9 @@ class RewardScorer:
             timeouts=sum(batch.timeouts for batch in scored),
             errors=sum(batch.errors for batch in scored),
             first_error=next((batch.first_error for batch in scored if batch.first_error), None),
+            all_failed={
+                name: error for (name, _, _), batch in zip(self.named, scored) for error in batch.all_failed.values()
+            },
         )
 
     def close(self) -> None:

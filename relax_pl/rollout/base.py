@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from relax_pl.errors import RecipeError
 from relax_pl.families import ModelFamily
 from relax_pl.vision import gather_by_prompt, split_by_prompt
 
@@ -37,8 +38,10 @@ class SamplingConfig:
     on_long_prompt: Literal["skip", "error"] = "error"
 
     def __post_init__(self) -> None:
-        if self.num_responses < 1 or self.max_new_tokens < 1:
-            raise ValueError("sampling.num_responses and sampling.max_new_tokens must be >= 1")
+        if self.max_new_tokens < 1:
+            raise RecipeError("model.sampling.max_new_tokens", self.max_new_tokens, "a response needs >= 1 token")
+        if self.num_responses < 1:
+            raise RecipeError("model.sampling.num_responses", self.num_responses, "a group needs >= 1 response")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}")
 
