@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from relax_pl.checkpointing import AtomicCheckpointIO, load_checkpoint_file
@@ -125,8 +126,11 @@ class RelaxCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs: Any):
-        """The model's setup decides the strategy; a recipe that also sets one differently is an error."""
+        """The model's setup decides the strategy; a recipe that also sets one differently is an error. The atomic,
+        weights-only checkpoint IO is added here, not as a parser default: an instance there has no class_path, so
+        ``--print_config`` and the saved config.yaml could not be read back as recipes."""
         trainer_config = self._get(self.config_init, "trainer", default={})
+        kwargs["plugins"] = with_atomic_checkpoint_io(trainer_config.get("plugins"))
         for key, value in self.model.model_setup.trainer_overrides().items():
             given = trainer_config.get(key)
             if given not in (None, "auto", value) and not (key == "devices" and given == 1):
@@ -139,6 +143,15 @@ class RelaxCLI(LightningCLI):
 
     def before_fit(self) -> None:
         continue_logging(self.trainer, self._get(self.config, "ckpt_path"))
+
+
+def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
+    """The recipe's ``trainer.plugins`` plus :class:`AtomicCheckpointIO`, unless the recipe names a checkpoint IO of
+    its own (a remote store's)."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def differing_hyperparameters(saved: dict[str, Any], recipe_model: Any) -> list[str]:
@@ -164,5 +177,5 @@ def main(
         run=run,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [AtomicCheckpointIO()], "callbacks": [LoggerRun()]},
+        trainer_defaults={"callbacks": [LoggerRun()]},
     )
