@@ -7,18 +7,20 @@ checks every key and type before anything is instantiated, so a typo fails befor
 from __future__ import annotations
 
 import re
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from relax_pl.checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from relax_pl.console import RunSummary, StepProgressBar, quiet_libraries
 from relax_pl.config import MOVED_OBJECTIVE_KEYS, RENAMED_POLICY_LOSSES
 from relax_pl.data import PromptDataModule
 from relax_pl.module import RLVRModule
@@ -125,12 +127,24 @@ class RelaxCLI(LightningCLI):
                 "line decide the run"
             )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # ObjectiveConfig's default loss is an instance, which --print_config and config.yaml cannot write; as a
+        # class_path they write it as every other plug-in (a module subclass may have no objective)
+        with suppress(KeyError):
+            parser.set_defaults({"model.objective.policy_loss": {"class_path": "relax_pl.losses.PPOClip"}})
+
     def instantiate_trainer(self, **kwargs: Any):
         """The model's setup decides the strategy; a recipe that also sets one differently is an error. The atomic,
         weights-only checkpoint IO is added here, not as a parser default: an instance there has no class_path, so
         ``--print_config`` and the saved config.yaml could not be read back as recipes."""
         trainer_config = self._get(self.config_init, "trainer", default={})
         kwargs["plugins"] = with_atomic_checkpoint_io(trainer_config.get("plugins"))
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(callback, ProgressBar) for callback in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
         for key, value in self.model.model_setup.trainer_overrides().items():
             given = trainer_config.get(key)
             if given not in (None, "auto", value) and not (key == "devices" and given == 1):
@@ -169,6 +183,7 @@ def main(
     """Parse ``args`` (default: the command line) and run the subcommand; with ``run=False`` only build
     the trainer, model and datamodule (for scripts that add callbacks first; ``args`` then has no
     subcommand). ``model_class`` runs a subclass of RLVRModule with the same recipes."""
+    quiet_libraries()
     return RelaxCLI(
         model_class,
         PromptDataModule,
@@ -177,5 +192,5 @@ def main(
         run=run,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [LoggerRun()]},
+        trainer_defaults={"callbacks": [LoggerRun(), RunSummary()], "enable_model_summary": False},
     )
