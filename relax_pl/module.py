@@ -183,6 +183,9 @@ class RLVRModule(L.LightningModule):
             rollout.rewards, rollout.group_size, scale=self.objective.scale_advantages
         )
         metrics = {**rollout_metrics(rollout, self.sampling.max_new_tokens), **self._counters.metrics()}
+        accuracy = correctness(rollout.reward_components)
+        if accuracy is not None:  # for the progress bar; TensorBoard has it as reward/accuracy (or reward/<Name>/...)
+            self.log("accuracy", accuracy.mean(), prog_bar=True, logger=False, batch_size=1)
         if self.update.dynamic_sampling:
             rollout, metrics["data/dropped_groups"] = self.drop_uniform_groups(rollout)
         for callback in rlvr_callbacks(self.trainer):
@@ -349,8 +352,12 @@ class RLVRModule(L.LightningModule):
         sampling, greedy = cfg.sampling(self.sampling), cfg.temperature == 0
         rollout = self.generate(batch, sampling, greedy=greedy)
         components = self.compute_rewards(rollout)
-        self._val_means.add_rollout(components, rollout, batch)
-        if greedy:  # every response is the greedy one
+        if not self._val_means.add_rollout(components, rollout, batch):
+            rank_zero_warn(
+                f"no reward of model.reward reports an 'accuracy' component (it returns {sorted(components)}): "
+                "validation logs val/reward but no val/accuracy"
+            )
+        elif greedy:  # every response is the greedy one
             self._val_means.add("val/accuracy/greedy", correctness(components).view(-1, rollout.group_size)[:, 0])
         elif cfg.greedy:
             greedy_rollout = self.generate(batch, replace(sampling, num_responses=1), greedy=True)

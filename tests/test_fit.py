@@ -250,6 +250,29 @@ def test_validation_accuracies_are_the_means_of_what_was_scored(tmp_path, tiny_m
     assert metrics["val/reward"] == pytest.approx(float(sampled_overall.mean()))
 
 
+def test_val_accuracy_with_several_rewards_and_with_none_that_reports_one(tmp_path, tiny_model):
+    """Several rewards: val/accuracy is the first reward's that reports one (it used to vanish). No reward reporting
+    an accuracy: no val/accuracy at all, and a warning says so (it used to be the overall reward, silently)."""
+    recipe = write_recipe(tmp_path, tiny_model)
+    args = ["--model.validation.num_responses", "4", "--model.validation.temperature", "1.0",
+            "--trainer.limit_val_batches", "1", "--data.val_batch_size", "3", "--trainer.logger", "false"]
+    several = json.dumps([{"class_path": "probes.LengthParityReward"}, {"class_path": "probes.ParityAccuracyReward"}])
+    cli = main(["validate", "--config", str(recipe), *args, "--model.reward", several], model_class=recording_module())
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    sampled = [c["ParityAccuracyReward/accuracy"] for c, k in zip(RecordingModule.recorded["val"],
+                                                                   RecordingModule.group_sizes["val"]) if k == 4]
+    accuracy = float(torch.cat(sampled).mean())
+    assert 0 < accuracy < 1
+    assert metrics["val/accuracy"] == pytest.approx(accuracy)
+    assert metrics["val/accuracy/mean@4"] == pytest.approx(accuracy)
+    assert metrics["val/ParityAccuracyReward/accuracy"] == pytest.approx(accuracy)
+
+    with pytest.warns(UserWarning, match="no reward of model.reward reports an 'accuracy'"):
+        cli = main(["validate", "--config", str(recipe), *args, "--model.reward", "probes.LengthParityReward"])
+    metrics = cli.trainer.callback_metrics
+    assert "val/reward" in metrics and not [name for name in metrics if "accuracy" in name], sorted(metrics)
+
+
 def test_rlvr_module_imports_no_callback():
     """The README's promise: RLVRModule (and what it imports) loads no callback module."""
     code = (
