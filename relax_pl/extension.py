@@ -81,7 +81,7 @@ class MiniBatch:
     rollout: RolloutBatch
     rows: Tensor  # (M,) rollout rows, whole prompt groups
     micro_batches: list[Tensor]
-    normaliser: float  # what objectives.aggregate divides by: response tokens (token-mean) or responses
+    normaliser: float  # what objectives.aggregate divides by: response tokens (token-mean) or responses (the others)
     loss_agg_mode: str
     # forward(rows, keep_hidden) -> DetachedForward chunks of at most micro_batch_size rows, no grad
     forward: Callable[[Tensor, bool], Iterator[DetachedForward]]
@@ -161,13 +161,14 @@ class PolicyForward:
     loss_agg_mode: str = "token-mean"  # how the module aggregates per-token losses (objectives.aggregate)
     normaliser: float | None = None  # the mini-batch's aggregation denominator (None: this micro-batch's own)
     mini_batch_responses: int | None = None  # responses in the mini-batch (None: this micro-batch's)
-    max_new_tokens: int | None = None  # the sampling limit every response is padded to in some layouts
+    # the sampling limit: every response is padded to it in some layouts; seq-mean-token-sum-norm divides by it
+    max_new_tokens: int | None = None
     global_step: int = 0
 
     def aggregate(self, values: Tensor) -> Tensor:
         """This micro-batch's share of a per-token term reduced as the policy loss is (Eq. of
         :func:`relax_pl.objectives.aggregate`, with the mini-batch's normaliser)."""
-        return obj.aggregate(values, self.response_mask, self.loss_agg_mode, self.normaliser)
+        return obj.aggregate(values, self.response_mask, self.loss_agg_mode, self.normaliser, self.max_new_tokens)
 
     def mean_over_responses(self, values: Tensor) -> Tensor:
         """This micro-batch's share of the mean of a per-response term over the mini-batch."""

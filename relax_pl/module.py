@@ -180,7 +180,7 @@ class RLVRModule(L.LightningModule):
             rollout.reward_components = self.compute_rewards(rollout)
         rollout.rewards = rollout.reward_components["overall"]
         rollout.advantages = obj.group_advantages(
-            rollout.rewards, rollout.group_size, scale=self.objective.scale_advantages
+            rollout.rewards, rollout.group_size, scale=self.objective.advantages_scaled
         )
         metrics = {**rollout_metrics(rollout, self.sampling.max_new_tokens), **self._counters.metrics()}
         accuracy = correctness(rollout.reward_components)
@@ -298,6 +298,7 @@ class RLVRModule(L.LightningModule):
     ) -> tuple[Tensor, dict[str, float]]:
         """This micro-batch's share of the mini-batch loss (the shares add up to the loss over the mini-batch)."""
         rollout, normaliser, share = batch.rollout, batch.normaliser, len(rows) / len(batch.rows)
+        budget = self.sampling.max_new_tokens  # seq-mean-token-sum-norm's constant divisor (Dr. GRPO)
         cfg, callbacks = self.objective, rlvr_callbacks(self.trainer)
         keep_hidden = any(cb.needs_hidden_states for cb in callbacks)
         logp, entropy, mask, hidden, head_hidden = self.response_forward(self.policy, rollout, rows, keep_hidden)
@@ -316,18 +317,18 @@ class RLVRModule(L.LightningModule):
             )
             per_token = per_token * weights
             stats.update(tis_stats)
-        loss = pg_loss = obj.aggregate(per_token, mask, cfg.aggregation, normaliser)
+        loss = pg_loss = obj.aggregate(per_token, mask, cfg.aggregation, normaliser, budget)
         stats["actor/pg_loss"] = pg_loss.detach() / share
         stats["actor/entropy"] = obj.masked_mean(entropy.detach(), mask)
         stats["actor/ppo_kl"] = obj.masked_mean(old_logp - logp.detach(), mask)  # k1 of KL(pi_old || pi_theta)
         if rollout.ref_logp is not None:
             kl = obj.kl_penalty(logp, rollout.ref_logp[rows, :width], cfg.kl_estimator)
-            kl_loss = obj.aggregate(kl, mask, cfg.aggregation, normaliser)
+            kl_loss = obj.aggregate(kl, mask, cfg.aggregation, normaliser, budget)
             stats["actor/kl_loss"] = kl_loss.detach() / share
             if cfg.kl_coef > 0:
                 loss = loss + cfg.kl_coef * kl_loss
         if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * obj.aggregate(entropy, mask, cfg.aggregation, normaliser)
+            loss = loss - cfg.entropy_coef * obj.aggregate(entropy, mask, cfg.aggregation, normaliser, budget)
         forward = PolicyForward(
             response_mask=mask, logp=logp, advantages=tokens.advantages, group_index=rollout.group_index[rows],
             rows=rows, entropy=entropy, old_logp=old_logp, rewards=rollout.rewards[rows], hidden=hidden,

@@ -69,7 +69,7 @@ class ShardProbe(RLVRCallback):
     def on_rollout_end(self, trainer, module, rollout) -> None:
         size = rollout.group_size
         rows = [sample["row"] for sample in rollout.samples]
-        expected = group_advantages(rollout.rewards, size, scale=module.objective.scale_advantages)
+        expected = group_advantages(rollout.rewards, size, scale=module.objective.advantages_scaled)
         self.record["steps"].append(
             {
                 "width": rollout.response_mask.shape[1],
@@ -78,6 +78,7 @@ class ShardProbe(RLVRCallback):
                 "group_size": size,
                 "rewards": rollout.rewards.tolist(),
                 "advantages_match": bool(torch.equal(expected, rollout.advantages)),
+                "advantages": rollout.advantages.tolist(),
             }
         )
 

@@ -4,6 +4,7 @@ written (each code block is copied out of README.md into a module of its own), a
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from relax_pl.cli import main
 from relax_pl.families import FAMILIES, family_of, final_norm
 from relax_pl.forward import ResponseForward
 from relax_pl.losses import LossInput
+from relax_pl.objectives import group_advantages
 from relax_pl.rewards import MathReward, RewardScorer, named_rewards
 from relax_pl.rollout import RolloutBatch
 from relax_pl.setups import SingleDevice
@@ -76,6 +78,28 @@ def test_a_loss_a_regulariser_and_several_rewards_from_their_own_files(tmp_path,
     ):
         assert overall == pytest.approx(parity + 0.5 * accuracy_reward, abs=1e-6)
     assert moved_weights(policy_weights(tmp_path / "run" / "checkpoints" / "last.ckpt"), tiny_model)
+
+
+def test_dr_grpo_trains_with_centred_advantages_from_the_recipe_key_alone(tmp_path, tiny_model):
+    """``policy_loss: relax_pl.losses.DrGRPO`` and nothing else: the advantages are only centred (r - group mean, not
+    divided by the std) and the update reduces with the token budget (it would raise without one)."""
+    recipe = tiny_recipe(
+        tmp_path, tiny_model, [{"class_path": "probes.ShardProbe", "init_args": {"out": str(tmp_path / "probe")}}],
+        model={"reward": {"class_path": "probe_rewards.ParityAccuracyReward"},
+               "objective": {"policy_loss": {"class_path": "relax_pl.losses.DrGRPO"}}},
+    )
+    main(["fit", "--config", str(recipe)])
+    steps = json.loads((tmp_path / "probe" / "rank0.json").read_text())["steps"]
+    scaled_differs = False
+    for step in steps:
+        rewards = torch.tensor(step["rewards"]).view(-1, step["group_size"])
+        centred = (rewards - rewards.mean(-1, keepdim=True)).reshape(-1)
+        assert torch.tensor(step["advantages"]).tolist() == pytest.approx(centred.tolist(), abs=1e-6)
+        scaled_differs |= not torch.allclose(centred, group_advantages(rewards.reshape(-1), step["group_size"]))
+    assert scaled_differs  # GRPO's std scaling would have given other advantages
+    scalars, _ = tensorboard_logs(tmp_path)
+    assert any(v != 0 for v in scalars["actor/pg_loss"])
+    assert moved_weights(policy_weights(tmp_path / "checkpoints" / "last.ckpt"), tiny_model)
 
 
 def test_several_rewards_each_bounded_and_named():
