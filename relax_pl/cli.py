@@ -23,6 +23,7 @@ from relax_pl.checkpointing import AtomicCheckpointIO, load_checkpoint_file
 from relax_pl.console import RunSummary, StepProgressBar, quiet_libraries
 from relax_pl.config import MOVED_OBJECTIVE_KEYS, RENAMED_POLICY_LOSSES
 from relax_pl.data import PromptDataModule
+from relax_pl.extension import import_modules
 from relax_pl.module import RLVRModule
 
 
@@ -128,10 +129,18 @@ class RelaxCLI(LightningCLI):
             )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--imports", type=str, nargs="+", default=[],
+            help="modules to import before the run, e.g. one that defines a model family adapter (README, 'Write a "
+            "model family')",
+        )
         # ObjectiveConfig's default loss is an instance, which --print_config and config.yaml cannot write; as a
         # class_path they write it as every other plug-in (a module subclass may have no objective)
         with suppress(KeyError):
             parser.set_defaults({"model.objective.policy_loss": {"class_path": "relax_pl.losses.PPOClip"}})
+
+    def before_instantiate_classes(self) -> None:
+        import_modules(self._get(self.config, "imports") or [])
 
     def instantiate_trainer(self, **kwargs: Any):
         """The model's setup decides the strategy; a recipe that also sets one differently is an error. The atomic,

@@ -25,6 +25,7 @@ from jsonargparse import ArgumentParser
 from torch import Tensor, nn
 
 from relax_pl.checkpointing import CheckpointError, load_checkpoint_file, load_sharded_keys
+from relax_pl.extension import import_modules
 from relax_pl.models import load_causal_lm, load_tokenizer
 from relax_pl.module import RLVRModule
 from relax_pl.setups import LoRA, QLoRA
@@ -43,6 +44,7 @@ def module_from_recipe(config: str | Path) -> RLVRModule:
     recipe = yaml.safe_load(Path(config).read_text())
     if not isinstance(recipe, dict) or "model" not in recipe:
         raise ValueError(f"recipe {str(config)!r} has no model: section")
+    import_modules(recipe.get("imports") or [])  # a model family adapter the run used
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(RLVRModule, "model", fail_untyped=False)
     parsed = parser.parse_object({"model": recipe["model"]})

@@ -46,6 +46,7 @@ Example (an entropy bonus on the responses that earned nothing, one file)::
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -200,6 +201,24 @@ class RLVRCallback(L.Callback):
     ) -> LossTerms | None:
         """Called on every update micro-batch; return loss terms (this micro-batch's shares) and metrics, or None."""
         return None
+
+
+def import_modules(names: list[str]) -> None:
+    """Import the modules a recipe lists under ``imports`` (``--imports``), before anything is built: a module that
+    registers something by defining it (a :class:`~relax_pl.families.ModelFamily` adapter, found by ``model_type``
+    and never named by a class_path) then takes part in the run.
+
+    Raises:
+        ImportError: a module that cannot be imported, named with the reason.
+    """
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ImportError(
+                f"imports: cannot import {name!r} ({type(error).__name__}: {error}); a module must be importable "
+                "from where the run starts (the current folder is on the path, or set PYTHONPATH)"
+            ) from error
 
 
 def rlvr_callbacks(trainer: L.Trainer) -> list[RLVRCallback]:

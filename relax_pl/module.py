@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from relax_pl import objectives as obj
 from relax_pl import rng
 from relax_pl.correction import truncated_importance_weights
+from relax_pl.families import family_of
 from relax_pl.extension import LossTerms, MiniBatch, PolicyForward, rlvr_callbacks
 from relax_pl.config import ObjectiveConfig, OptimizerConfig, UpdateConfig, ValidationConfig
 from relax_pl.forward import ResponseForward, reference_kl
@@ -107,6 +108,7 @@ class RLVRModule(L.LightningModule):
         self.policy = self.model_setup.build_policy(
             self.pretrained, trust_remote_code=self.trust_remote_code, device=device
         )
+        family_of(self.policy).check(self.policy)  # a model without an adapter fails here, not after a rollout
         self.policy.train()  # from_pretrained returns eval mode, in which HF silently skips gradient checkpointing
         if self.needs_reference:
             self._reference[0] = self.model_setup.build_reference(self.policy)

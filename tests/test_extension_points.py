@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,40 @@ def test_the_readme_model_family_is_one_file(tmp_path, monkeypatch):
         read_gpt2(model)
     finally:
         FAMILIES.pop("gpt2", None)  # the other tests see relax_pl's own families only
+
+
+def test_a_family_adapter_is_imported_by_the_recipe_and_checked_when_the_model_loads(tmp_path, monkeypatch):
+    """A GPT-2 checkpoint without an adapter fails when the policy loads, naming gpt2 and the known families, before
+    any rollout; with the README's adapter in a module the recipe lists under ``imports``, the same recipe trains."""
+    from relax_pl.rollout import HFGenerate
+    from relax_pl.testing import build_test_tokenizer
+
+    tokenizer = build_test_tokenizer()
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=256,
+                        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id)
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    recipe = tiny_recipe(tmp_path / "run", folder, model={"reward": {"class_path": "probe_rewards.LengthParityReward"}})
+
+    real_generate = HFGenerate.generate
+    monkeypatch.setattr(HFGenerate, "generate", lambda *a, **k: pytest.fail("a rollout ran before the family check"))
+    with pytest.raises(ValueError, match="model_type 'gpt2'.*known families are llama, qwen2, qwen2_5_vl, qwen2_vl"):
+        main(["fit", "--config", str(recipe)])
+    monkeypatch.setattr(HFGenerate, "generate", real_generate)
+
+    sys.modules.pop("my_families", None)
+    readme_module("Write a model family", "my_families", tmp_path, monkeypatch)  # the file, on the path
+    sys.modules.pop("my_families")  # imported again by the run, from the recipe's imports alone
+    FAMILIES.pop("gpt2")
+    try:
+        main(["fit", "--config", str(recipe), "--imports", "my_families"])
+        assert FAMILIES["gpt2"].__name__ == "GPT2"
+    finally:
+        FAMILIES.pop("gpt2", None)
+        sys.modules.pop("my_families", None)
+    assert moved_weights(policy_weights(tmp_path / "run" / "checkpoints" / "last.ckpt"), folder)
 
 
 def read_gpt2(model: GPT2LMHeadModel) -> None:
