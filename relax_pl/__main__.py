@@ -1,4 +1,5 @@
-"""``python -m relax_pl <fit|validate|test> --config ...`` (LightningCLI) and ``python -m relax_pl export ...``."""
+"""``python -m relax_pl <fit|validate|test> --config ...`` (LightningCLI) and ``python -m relax_pl export ...``
+(each command beside LightningCLI's is dispatched here and listed in ``relax_pl.cli.OTHER_COMMANDS`` for --help)."""
 
 import sys
 

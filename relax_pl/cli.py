@@ -7,6 +7,7 @@ checks every key and type before anything is instantiated, so a typo fails befor
 from __future__ import annotations
 
 import re
+from argparse import RawDescriptionHelpFormatter
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, NoReturn
@@ -106,7 +107,29 @@ def moved_key_hint(message: str) -> str:
     return "".join(f"\n  {hint}" for hint in hints)
 
 
+# python -m relax_pl's commands beside LightningCLI's, which __main__.py dispatches; listed by --help
+OTHER_COMMANDS = {
+    "export": "write a checkpoint as Hugging Face folders, in bfloat16 unless --dtype says otherwise (export --help)",
+}
+
+
+def usage_description() -> str:
+    commands = "".join(f"\n  {name:<9} {what}" for name, what in OTHER_COMMANDS.items())
+    return (
+        "Train and evaluate with a recipe: python -m relax_pl <fit|validate|test> --config recipe.yaml. "
+        f"Also:{commands}"
+    )
+
+
 class RelaxCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, less ``predict``: RLVRModule has no prediction step (``validate`` and ``test`` sample and
+        score)."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict")
+        return commands
+
     def _parse_ckpt_path(self) -> None:
         """The recipe and the command line decide the run, never the checkpoint.
 
@@ -201,5 +224,8 @@ def main(
         run=run,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "prog": "python -m relax_pl", "description": usage_description(), "formatter_class": RawDescriptionHelpFormatter
+        },
         trainer_defaults={"callbacks": [LoggerRun(), RunSummary()], "enable_model_summary": False},
     )

@@ -71,3 +71,14 @@ def test_a_fit_prints_what_runs_one_bar_of_optimiser_steps_and_where_things_are(
             main(["fit", "--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", "last", "--print_config"])
     original, from_saved = capsys.readouterr().out.split("# lightning.pytorch==")[1:]
     assert original == from_saved
+
+
+def test_help_lists_the_commands_that_exist_and_export_says_it_writes_bfloat16(capsys):
+    """``--help`` listed ``predict``, which RLVRModule cannot run, and not ``export``; export's help names its dtype."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out
+    assert "export" in usage and "bfloat16" in usage and "predict" not in usage
+    assert "{fit,validate,test}" in usage
+    done = subprocess.run([sys.executable, "-m", "relax_pl", "export", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "default: bfloat16, so a float32 run is downcast" in " ".join(done.stdout.split())
