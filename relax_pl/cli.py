@@ -225,7 +225,9 @@ def main(
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
-            "prog": "python -m relax_pl", "description": usage_description(), "formatter_class": RawDescriptionHelpFormatter
+            "prog": "python -m relax_pl",
+            "description": usage_description(),
+            "formatter_class": RawDescriptionHelpFormatter,
         },
         trainer_defaults={"callbacks": [LoggerRun(), RunSummary()], "enable_model_summary": False},
     )

@@ -103,6 +103,35 @@ def test_dr_grpo_trains_with_centred_advantages_from_the_recipe_key_alone(tmp_pa
     assert moved_weights(policy_weights(tmp_path / "checkpoints" / "last.ckpt"), tiny_model)
 
 
+def test_what_a_callback_sees_and_how_its_terms_and_an_engines_metrics_are_logged(tmp_path, tiny_model):
+    """The README's contract for callback and engine authors: forward.rows index the rollout and forward.group_index
+    is the rows' prompt; with several rewards the components are "<Name>/<part>"; a loss term is its micro-batch's
+    share (the shares add up to the mini-batch term, which is what is logged) while a metric is averaged over the
+    micro-batches; an engine logs through module.log during the training step."""
+    probe = {"class_path": "probes.ContractProbe"}
+    recipe = tiny_recipe(
+        tmp_path, tiny_model, [probe],
+        model={
+            "reward": [
+                {"class_path": "relax_pl.rewards.MathReward"}, {"class_path": "probe_rewards.LengthParityReward"}
+            ],
+            "rollout": {"class_path": "probes.LoggingEngine"},
+            "update": {"micro_batch_size": 2, "mini_batch_size": 4},
+        },
+    )
+    cli = main(["fit", "--config", str(recipe)])
+    callback = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ContractProbe")
+    assert callback.components[0] == [
+        "LengthParityReward", "MathReward", "MathReward/accuracy", "MathReward/format", "overall"
+    ]
+    assert all(seen["groups"] == seen["expected_groups"] and len(seen["rows"]) == 2 for seen in callback.seen)
+    assert len(callback.seen) == 4 and len({row for seen in callback.seen for row in seen["rows"]}) == 8  # 2 x 2
+    scalars, _ = tensorboard_logs(tmp_path)
+    assert scalars["probe/share"] == pytest.approx([1.0])  # shares of 2/4 summed per mini-batch: the term is 1
+    assert scalars["probe/micro_rows"] == pytest.approx([2.0])  # averaged over the 4 micro-batches, not summed
+    assert scalars["rollout/prompts"] == pytest.approx([2.0])
+
+
 def test_several_rewards_each_bounded_and_named():
     with pytest.raises(ValueError, match="2 weights for 3 rewards"):
         named_rewards([MathReward(), MathReward(), LengthParityReward()], [1.0, 2.0])

@@ -243,7 +243,8 @@ class ResumableSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a :class:`ResumableSampler`, which declares itself resumable as Lightning asks of a loader it
     resumes mid-epoch: its position is Lightning's own batch counter, restored with the checkpoint before the first
-    batch is drawn, so there is nothing of its own to load (and Lightning does not warn that the resume is unreliable)."""
+    batch is drawn, so there is nothing of its own to load (and Lightning does not warn that the resume is
+    unreliable)."""
 
     def state_dict(self) -> dict[str, int]:
         return {"trained_batches": self.sampler.position()}
