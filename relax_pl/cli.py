@@ -7,6 +7,7 @@ checks every key and type before anything is instantiated, so a typo fails befor
 from __future__ import annotations
 
 import re
+import warnings
 from argparse import RawDescriptionHelpFormatter
 from contextlib import suppress
 from pathlib import Path
@@ -189,6 +190,14 @@ class RelaxCLI(LightningCLI):
 
     def before_fit(self) -> None:
         continue_logging(self.trainer, self._get(self.config, "ckpt_path"))
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``; a resumed run writes into the checkpoint folder it resumes from, so ModelCheckpoint's
+        warning that the folder is not empty is left out then (a new run still gets it)."""
+        with warnings.catch_warnings():
+            if kwargs.get("ckpt_path"):
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            self.trainer.fit(**kwargs)
 
 
 def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
