@@ -5,7 +5,7 @@ Left out (:func:`quiet_libraries`): Lightning's GPU/TPU availability lines, its 
 was configured" notes (:class:`RunSummary` says what runs where instead), its warning that ModelCheckpoint saves
 the state after a manual optimiser step (relax_pl checkpoints at the end of a step, so the state after it is the one
 a resume needs: README, "Checkpoints"), torch's deprecation of ``LeafSpec`` inside Lightning, and transformers'
-"Loading weights" bars. Downloads keep their bars; every other warning stays.
+"Loading weights" and GGUF conversion bars. Downloads keep their bars; every other warning stays.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _LIBRARY_WARNINGS = (
     r"Using ModelCheckpoint with manual optimization",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
-_QUIET_BARS = ("Loading weights",)
+_QUIET_BARS = ("Loading weights", "Converting and de-quantizing GGUF tensors...")
 
 
 class _DropNotices(logging.Filter):
@@ -67,7 +67,8 @@ class RunSummary(L.Callback):
     at the end of a fit, the step reached and the last checkpoint."""
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._describe(trainer, module, f"{trainer.max_steps} optimiser steps" if trainer.max_steps > 0 else "")
+        steps = trainer.max_steps
+        self._describe(trainer, module, f"{steps} optimiser step{'s' * (steps != 1)}" if steps > 0 else "")
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 print(f"logs: {logger.log_dir or logger.save_dir}", flush=True)
