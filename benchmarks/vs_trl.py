@@ -213,7 +213,7 @@ def run_trl(conn, cli_args: list[str], threads: int) -> None:
             epsilon=clip.clip_low,
             epsilon_high=clip.clip_high,
             loss_type="dapo",
-            scale_rewards="group" if objective.scale_advantages else "none",
+            scale_rewards="group" if objective.advantages_scaled else "none",
             shuffle_dataset=False,
             logging_steps=1,
             report_to="none",

@@ -1,5 +1,6 @@
 """``python -m relax_pl <fit|validate|test> --config ...`` (LightningCLI), ``python -m relax_pl evaluate ...``
-(:mod:`relax_pl.evaluation`) and ``python -m relax_pl export ...``."""
+(:mod:`relax_pl.evaluation`) and ``python -m relax_pl export ...`` (each command beside LightningCLI's is dispatched
+here and listed in ``relax_pl.cli.OTHER_COMMANDS`` for --help)."""
 
 import sys
 

@@ -7,20 +7,26 @@ checks every key and type before anything is instantiated, so a typo fails befor
 from __future__ import annotations
 
 import re
+import warnings
+from argparse import RawDescriptionHelpFormatter
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from relax_pl.checkpointing import AtomicCheckpointIO, load_checkpoint_file, newest_intact_checkpoint
 from relax_pl.config import MOVED_OBJECTIVE_KEYS, RENAMED_POLICY_LOSSES
+from relax_pl.console import RunSummary, StepProgressBar, quiet_libraries
 from relax_pl.data import PromptDataModule
 from relax_pl.errors import debugging, did_you_mean, exit_with, parser_keys
+from relax_pl.extension import import_modules
 from relax_pl.module import RLVRModule
 
 
@@ -164,7 +170,30 @@ def moved_key_hint(message: str) -> str:
     return "".join(f"\n  {hint}" for hint in hints)
 
 
+# python -m relax_pl's commands beside LightningCLI's, which __main__.py dispatches; listed by --help
+OTHER_COMMANDS = {
+    "evaluate": "greedy mean@1, mean@k and pass@k of checkpoints side by side, with intervals (evaluate --help)",
+    "export": "write a checkpoint as Hugging Face folders, in bfloat16 unless --dtype says otherwise (export --help)",
+}
+
+
+def usage_description() -> str:
+    commands = "".join(f"\n  {name:<9} {what}" for name, what in OTHER_COMMANDS.items())
+    return (
+        "Train and evaluate with a recipe: python -m relax_pl <fit|validate|test> --config recipe.yaml. "
+        f"Also:{commands}"
+    )
+
+
 class RelaxCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, less ``predict``: ``python -m relax_pl evaluate`` is relax_pl's prediction command (it runs
+        Lightning's predict with options of its own: samples per prompt, several checkpoints)."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict")
+        return commands
+
     def _parse_ckpt_path(self) -> None:
         """The recipe and the command line decide the run, never the checkpoint.
 
@@ -186,9 +215,32 @@ class RelaxCLI(LightningCLI):
                 "line decide the run"
             )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--imports", type=str, nargs="+", default=[],
+            help="modules to import before the run, e.g. one that defines a model family adapter (README, 'Write a "
+            "model family')",
+        )
+        # ObjectiveConfig's default loss is an instance, which --print_config and config.yaml cannot write; as a
+        # class_path they write it as every other plug-in (a module subclass may have no objective)
+        with suppress(KeyError):
+            parser.set_defaults({"model.objective.policy_loss": {"class_path": "relax_pl.losses.PPOClip"}})
+
+    def before_instantiate_classes(self) -> None:
+        import_modules(self._get(self.config, "imports") or [])
+
     def instantiate_trainer(self, **kwargs: Any):
-        """The model's setup decides the strategy; a recipe that also sets one differently is an error."""
+        """The model's setup decides the strategy; a recipe that also sets one differently is an error. The atomic,
+        weights-only checkpoint IO is added here, not as a parser default: an instance there has no class_path, so
+        ``--print_config`` and the saved config.yaml could not be read back as recipes."""
         trainer_config = self._get(self.config_init, "trainer", default={})
+        kwargs["plugins"] = with_atomic_checkpoint_io(trainer_config.get("plugins"))
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(callback, ProgressBar) for callback in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
         for key, value in self.model.model_setup.trainer_overrides().items():
             given = trainer_config.get(key)
             if given not in (None, "auto", value) and not (key == "devices" and given == 1):
@@ -204,6 +256,23 @@ class RelaxCLI(LightningCLI):
             self._get(self.config, "ckpt_path"), self.trainer
         )
         continue_logging(self.trainer, ckpt_path)
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``; a resumed run writes into the checkpoint folder it resumes from, so ModelCheckpoint's
+        warning that the folder is not empty is left out then (a new run still gets it)."""
+        with warnings.catch_warnings():
+            if kwargs.get("ckpt_path"):
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            self.trainer.fit(**kwargs)
+
+
+def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
+    """The recipe's ``trainer.plugins`` plus :class:`AtomicCheckpointIO`, unless the recipe names a checkpoint IO of
+    its own (a remote store's)."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def differing_hyperparameters(saved: dict[str, Any], recipe_model: Any) -> list[str]:
@@ -221,6 +290,7 @@ def main(
     """Parse ``args`` (default: the command line) and run the subcommand; with ``run=False`` only build
     the trainer, model and datamodule (for scripts that add callbacks first; ``args`` then has no
     subcommand). ``model_class`` runs a subclass of RLVRModule with the same recipes."""
+    quiet_libraries()
     return RelaxCLI(
         model_class,
         PromptDataModule,
@@ -229,5 +299,10 @@ def main(
         run=run,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [AtomicCheckpointIO()], "callbacks": [LoggerRun()]},
+        parser_kwargs={
+            "prog": "python -m relax_pl",
+            "description": usage_description(),
+            "formatter_class": RawDescriptionHelpFormatter,
+        },
+        trainer_defaults={"callbacks": [LoggerRun(), RunSummary()], "enable_model_summary": False},
     )

@@ -35,27 +35,47 @@ RENAMED_POLICY_LOSSES = {
 class ObjectiveConfig:
     """What the update minimises (recipe key ``model.objective``; docs/method.md sections 1 and 6): the policy loss, a
     plug-in with its own settings (``class_path`` and ``init_args``, :mod:`relax_pl.losses`), plus GRPO's KL and
-    entropy terms, reduced by ``loss_agg``."""
+    entropy terms, reduced by ``loss_agg``. A loss may declare the reduction and the advantage scaling it needs
+    (:class:`relax_pl.losses.DrGRPO` does); a recipe that asks for others is refused."""
 
     policy_loss: PolicyLoss = field(default_factory=PPOClip)
     kl_coef: float = 0.0  # 0 skips the reference forward entirely
     kl_estimator: obj.KLEstimator = "k3"
-    loss_agg: obj.LossAggregation | None = None  # None: the policy loss's own (GSPO's), else token-mean
+    # token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (objectives.aggregate); None: the policy loss's own
+    # (GSPO's, DrGRPO's), else token-mean
+    loss_agg: obj.LossAggregation | None = None
     entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * entropy
-    scale_advantages: bool = True  # divide by the group std (False: Dr. GRPO)
+    scale_advantages: bool | None = None  # divide by the group std; None: the policy loss's own (DrGRPO: no), else yes
 
     def __post_init__(self) -> None:
+        loss = type(self.policy_loss).__name__
         own = self.policy_loss.aggregation
         if own is not None and self.loss_agg not in (None, own):
             raise ValueError(
-                f"model.objective.loss_agg={self.loss_agg} conflicts with model.objective.policy_loss "
-                f"{type(self.policy_loss).__name__}, which is reduced {own}; remove model.objective.loss_agg"
+                f"model.objective.loss_agg={self.loss_agg} conflicts with model.objective.policy_loss {loss}, which "
+                f"is reduced {own}; remove model.objective.loss_agg"
+            )
+        own_scaling = self.policy_loss.scale_advantages
+        if own_scaling is not None and self.scale_advantages not in (None, own_scaling):
+            raise ValueError(
+                f"model.objective.scale_advantages={self.scale_advantages} conflicts with model.objective.policy_loss "
+                f"{loss}, whose advantages are {'' if own_scaling else 'not '}divided by the group std; remove "
+                "model.objective.scale_advantages"
             )
 
     @property
     def aggregation(self) -> obj.LossAggregation:
         """How every per-token term is reduced: ``loss_agg``, else the policy loss's own, else token-mean."""
         return self.loss_agg or self.policy_loss.aggregation or "token-mean"
+
+    @property
+    def advantages_scaled(self) -> bool:
+        """Whether the group advantages are divided by the group's std: ``scale_advantages``, else the policy loss's
+        own, else yes (GRPO)."""
+        for choice in (self.scale_advantages, self.policy_loss.scale_advantages):
+            if choice is not None:
+                return choice
+        return True
 
 
 @dataclass

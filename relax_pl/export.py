@@ -3,7 +3,9 @@
     python -m relax_pl export --config recipes/quickstart_qlora.yaml \\
         --ckpt_path runs/quickstart_qlora/checkpoints/last.ckpt --out exported/quickstart_qlora
 
-The recipe's ``model:`` section says which base model and which setup wrote the checkpoint. Writes:
+The recipe's ``model:`` section says which base model and which setup wrote the checkpoint (and its ``imports:``
+are imported first). Writes, in ``--dtype`` (bfloat16 by default, so a float32 run is downcast; ``--dtype float32``
+keeps it):
 
 * ``<out>/model``: a plain Hugging Face model and its tokenizer (``AutoModelForCausalLM.from_pretrained``). For a
   LoRA or QLoRA run it is the adapter merged into the base (for QLoRA, the base reloaded in bf16: see
@@ -25,6 +27,7 @@ from jsonargparse import ArgumentParser
 from torch import Tensor, nn
 
 from relax_pl.checkpointing import CheckpointError, load_checkpoint_file, load_sharded_keys
+from relax_pl.extension import import_modules
 from relax_pl.models import load_causal_lm, load_tokenizer
 from relax_pl.module import RLVRModule
 from relax_pl.setups import LoRA, QLoRA
@@ -43,6 +46,7 @@ def module_from_recipe(config: str | Path) -> RLVRModule:
     recipe = yaml.safe_load(Path(config).read_text())
     if not isinstance(recipe, dict) or "model" not in recipe:
         raise ValueError(f"recipe {str(config)!r} has no model: section")
+    import_modules(recipe.get("imports") or [])  # a model family adapter the run used
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(RLVRModule, "model", fail_untyped=False)
     parsed = parser.parse_object({"model": recipe["model"]})
@@ -133,7 +137,10 @@ def main(args: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--config", required=True, help="the recipe the checkpoint was trained with")
     parser.add_argument("--ckpt_path", required=True, help="a .ckpt file or a sharded checkpoint folder")
     parser.add_argument("--out", required=True, help="folder to write model/ (and adapter/) into")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+        help="the weights' dtype in the written folders (default: bfloat16, so a float32 run is downcast)",
+    )
     parsed = parser.parse_args(args)
     try:
         written = export(parsed.config, parsed.ckpt_path, parsed.out, parsed.dtype)

@@ -53,6 +53,7 @@ Example (an entropy bonus on the responses that earned nothing, one file)::
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -88,7 +89,7 @@ class MiniBatch:
     rollout: RolloutBatch
     rows: Tensor  # (M,) rollout rows, whole prompt groups
     micro_batches: list[Tensor]
-    normaliser: float  # what objectives.aggregate divides by: response tokens (token-mean) or responses
+    normaliser: float  # what objectives.aggregate divides by: response tokens (token-mean) or responses (the others)
     loss_agg_mode: str
     # forward(rows, keep_hidden) -> DetachedForward chunks of at most micro_batch_size rows, no grad
     forward: Callable[[Tensor, bool], Iterator[DetachedForward]]
@@ -168,13 +169,14 @@ class PolicyForward:
     loss_agg_mode: str = "token-mean"  # how the module aggregates per-token losses (objectives.aggregate)
     normaliser: float | None = None  # the mini-batch's aggregation denominator (None: this micro-batch's own)
     mini_batch_responses: int | None = None  # responses in the mini-batch (None: this micro-batch's)
-    max_new_tokens: int | None = None  # the sampling limit every response is padded to in some layouts
+    # the sampling limit: every response is padded to it in some layouts; seq-mean-token-sum-norm divides by it
+    max_new_tokens: int | None = None
     global_step: int = 0
 
     def aggregate(self, values: Tensor) -> Tensor:
         """This micro-batch's share of a per-token term reduced as the policy loss is (Eq. of
         :func:`relax_pl.objectives.aggregate`, with the mini-batch's normaliser)."""
-        return obj.aggregate(values, self.response_mask, self.loss_agg_mode, self.normaliser)
+        return obj.aggregate(values, self.response_mask, self.loss_agg_mode, self.normaliser, self.max_new_tokens)
 
     def mean_over_responses(self, values: Tensor) -> Tensor:
         """This micro-batch's share of the mean of a per-response term over the mini-batch."""
@@ -218,6 +220,24 @@ class RLVRCallback(L.Callback):
     ) -> LossTerms | None:
         """Called on every update micro-batch; return loss terms (this micro-batch's shares) and metrics, or None."""
         return None
+
+
+def import_modules(names: list[str]) -> None:
+    """Import the modules a recipe lists under ``imports`` (``--imports``), before anything is built: a module that
+    registers something by defining it (a :class:`~relax_pl.families.ModelFamily` adapter, found by ``model_type``
+    and never named by a class_path) then takes part in the run.
+
+    Raises:
+        ImportError: a module that cannot be imported, named with the reason.
+    """
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ImportError(
+                f"imports: cannot import {name!r} ({type(error).__name__}: {error}); a module must be importable "
+                "from where the run starts (the current folder is on the path, or set PYTHONPATH)"
+            ) from error
 
 
 def rlvr_callbacks(trainer: L.Trainer) -> list[RLVRCallback]:

@@ -136,12 +136,12 @@ def performance_metrics(
     return metrics
 
 
-def correctness(components: dict[str, Tensor]) -> Tensor:
+def correctness(components: dict[str, Tensor]) -> Tensor | None:
     """Per response, how right it is: the reward's ``accuracy`` component; with several rewards, the first one's
-    that has one (``<name>/accuracy``); else the ``overall`` score."""
+    that has one (``<name>/accuracy``). None when no reward reports an accuracy: the overall reward is not one."""
     if "accuracy" in components:
         return components["accuracy"]
-    return next((v for k, v in components.items() if k.endswith("/accuracy")), components["overall"])
+    return next((v for k, v in components.items() if k.endswith("/accuracy")), None)
 
 
 class ValidationMeans:
@@ -156,18 +156,25 @@ class ValidationMeans:
             self.metrics[name] = MeanMetric(nan_strategy="ignore").to(values.device)
         self.metrics[name].update(values)
 
-    def add_rollout(self, components: dict[str, Tensor], rollout: RolloutBatch, batch: list[dict[str, Any]]) -> None:
-        """One validation batch: its rollout's reward ``components``, lengths and accuracies."""
+    def add_rollout(self, components: dict[str, Tensor], rollout: RolloutBatch, batch: list[dict[str, Any]]) -> bool:
+        """One validation batch: its rollout's reward ``components``, lengths and accuracies (``val/accuracy`` is
+        :func:`correctness`'s mean, for one reward or several). Returns whether a reward reported an accuracy."""
         for name, values in components.items():
-            self.add("val/reward" if name == "overall" else f"val/{name}", values)
+            if name != "accuracy":  # val/accuracy below
+                self.add("val/reward" if name == "overall" else f"val/{name}", values)
         self.add("val/response_length", rollout.response_mask.sum(-1).float())
+        accuracy = correctness(components)
+        if accuracy is None:
+            return False
+        self.add("val/accuracy", accuracy)
         k = rollout.group_size
-        per_prompt = correctness(components).view(-1, k)  # (prompts, k)
+        per_prompt = accuracy.view(-1, k)  # (prompts, k)
         self.add(f"val/accuracy/mean@{k}", per_prompt.mean(-1))
         self.add(f"val/accuracy/pass@{k}", per_prompt.max(-1).values)
         for sample, value in zip(batch, per_prompt.mean(-1)):
             source = re.sub(r"[^\w.@-]+", "_", str(sample.get("data_source") or sample.get("source")))
             self.add(f"val/accuracy/source/{source}", value)
+        return True
 
     def compute_all(self, device: torch.device) -> dict[str, Tensor]:
         """Every mean, reduced over all ranks by ``compute()``, then reset. Ranks may have seen different data sources,

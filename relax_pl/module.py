@@ -22,6 +22,7 @@ from relax_pl import objectives as obj
 from relax_pl import rng
 from relax_pl.correction import truncated_importance_weights
 from relax_pl.evaluation import PromptResult, score_prompts
+from relax_pl.families import family_of
 from relax_pl.extension import LossTerms, MiniBatch, PolicyForward, RLVRCallback, rlvr_callbacks
 from relax_pl.config import ObjectiveConfig, OptimizerConfig, UpdateConfig, ValidationConfig
 from relax_pl.forward import ResponseForward, reference_kl
@@ -116,6 +117,7 @@ class RLVRModule(L.LightningModule):
         self.policy = self.model_setup.build_policy(
             self.pretrained, trust_remote_code=self.trust_remote_code, device=device
         )
+        family_of(self.policy).check(self.policy)  # a model without an adapter fails here, not after a rollout
         self.policy.train()  # from_pretrained returns eval mode, in which HF silently skips gradient checkpointing
         if self.needs_reference:
             self._reference[0] = self.model_setup.build_reference(self.policy)
@@ -195,9 +197,12 @@ class RLVRModule(L.LightningModule):
             rollout.reward_components = self.compute_rewards(rollout)
         rollout.rewards = rollout.reward_components["overall"]
         rollout.advantages = obj.group_advantages(
-            rollout.rewards, rollout.group_size, scale=self.objective.scale_advantages
+            rollout.rewards, rollout.group_size, scale=self.objective.advantages_scaled
         )
         metrics = {**rollout_metrics(rollout, self.sampling.max_new_tokens), **self._counters.metrics()}
+        accuracy = correctness(rollout.reward_components)
+        if accuracy is not None:  # for the progress bar; TensorBoard has it as reward/accuracy (or reward/<Name>/...)
+            self.log("accuracy", accuracy.mean(), prog_bar=True, logger=False, batch_size=1)
         if self.update.dynamic_sampling:
             rollout, metrics["data/dropped_groups"] = self.drop_uniform_groups(rollout)
         callbacks = rlvr_callbacks(self.trainer)
@@ -362,6 +367,7 @@ class RLVRModule(L.LightningModule):
     ) -> tuple[Tensor, dict[str, float]]:
         """This micro-batch's share of the mini-batch loss (the shares add up to the loss over the mini-batch)."""
         rollout, normaliser, share = batch.rollout, batch.normaliser, len(rows) / len(batch.rows)
+        budget = self.sampling.max_new_tokens  # seq-mean-token-sum-norm's constant divisor (Dr. GRPO)
         cfg, callbacks = self.objective, rlvr_callbacks(self.trainer)
         keep_hidden = any(cb.needs_hidden_states for cb in callbacks)
         logp, entropy, mask, hidden, head_hidden = self.response_forward(self.policy, rollout, rows, keep_hidden)
@@ -380,18 +386,18 @@ class RLVRModule(L.LightningModule):
             )
             per_token = per_token * weights
             stats.update(tis_stats)
-        loss = pg_loss = obj.aggregate(per_token, mask, cfg.aggregation, normaliser)
+        loss = pg_loss = obj.aggregate(per_token, mask, cfg.aggregation, normaliser, budget)
         stats["actor/pg_loss"] = pg_loss.detach() / share
         stats["actor/entropy"] = obj.masked_mean(entropy.detach(), mask)
         stats["actor/ppo_kl"] = obj.masked_mean(old_logp - logp.detach(), mask)  # k1 of KL(pi_old || pi_theta)
         if rollout.ref_logp is not None:
             kl = obj.kl_penalty(logp, rollout.ref_logp[rows, :width], cfg.kl_estimator)
-            kl_loss = obj.aggregate(kl, mask, cfg.aggregation, normaliser)
+            kl_loss = obj.aggregate(kl, mask, cfg.aggregation, normaliser, budget)
             stats["actor/kl_loss"] = kl_loss.detach() / share
             if cfg.kl_coef > 0:
                 loss = loss + cfg.kl_coef * kl_loss
         if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * obj.aggregate(entropy, mask, cfg.aggregation, normaliser)
+            loss = loss - cfg.entropy_coef * obj.aggregate(entropy, mask, cfg.aggregation, normaliser, budget)
         forward = PolicyForward(
             response_mask=mask, logp=logp, advantages=tokens.advantages, group_index=rollout.group_index[rows],
             rows=rows, entropy=entropy, old_logp=old_logp, rewards=rollout.rewards[rows], hidden=hidden,
@@ -416,8 +422,12 @@ class RLVRModule(L.LightningModule):
         sampling, greedy = cfg.sampling(self.sampling), cfg.temperature == 0
         rollout = self.generate(batch, sampling, greedy=greedy)
         components = self.compute_rewards(rollout)
-        self._val_means.add_rollout(components, rollout, batch)
-        if greedy:  # every response is the greedy one
+        if not self._val_means.add_rollout(components, rollout, batch):
+            rank_zero_warn(
+                f"no reward of model.reward reports an 'accuracy' component (it returns {sorted(components)}): "
+                "validation logs val/reward but no val/accuracy"
+            )
+        elif greedy:  # every response is the greedy one
             self._val_means.add("val/accuracy/greedy", correctness(components).view(-1, rollout.group_size)[:, 0])
         elif cfg.greedy:
             greedy_rollout = self.generate(batch, replace(sampling, num_responses=1), greedy=True)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-LossAggregation = Literal["token-mean", "seq-mean-token-mean"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
@@ -65,11 +65,21 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") ->
     raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
 
 
-def aggregate(values: Tensor, mask: Tensor, mode: LossAggregation = "token-mean", normaliser: float | None = None) -> Tensor:
+def aggregate(
+    values: Tensor,
+    mask: Tensor,
+    mode: LossAggregation = "token-mean",
+    normaliser: float | None = None,
+    token_budget: int | None = None,
+) -> Tensor:
     """Reduce a per-token loss to a scalar.
 
     * ``token-mean``: ``sum_{i,t} v_it / n_tokens`` (DAPO; long responses weigh more).
     * ``seq-mean-token-mean``: ``(1/N) sum_i mean_t v_it`` (original GRPO).
+    * ``seq-mean-token-sum-norm``: ``(1/N) sum_i sum_t v_it / token_budget`` (Dr. GRPO, arXiv 2503.20783). No
+      division by each response's own length, which lets GRPO penalise a long wrong answer less than a short one;
+      the constant ``token_budget`` (the generation limit) only sets the scale, as in verl's mode of this name and
+      TRL's ``dr_grpo``.
 
     ``normaliser`` replaces ``n_tokens`` (or ``N``) with the count over the whole mini-batch, so that the losses
     of its micro-batches add up to the mini-batch loss under gradient accumulation.
@@ -82,7 +92,14 @@ def aggregate(values: Tensor, mask: Tensor, mode: LossAggregation = "token-mean"
         per_sequence = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
         denominator = values.shape[0] if normaliser is None else normaliser
         return per_sequence.sum() / max(float(denominator), 1.0)
-    raise ValueError(f"unknown loss aggregation {mode!r}; choose token-mean or seq-mean-token-mean")
+    if mode == "seq-mean-token-sum-norm":
+        if token_budget is None or token_budget < 1:
+            raise ValueError(f"seq-mean-token-sum-norm divides by the generation limit; token_budget={token_budget}")
+        denominator = values.shape[0] if normaliser is None else normaliser
+        return (values * mask).sum() / (max(float(denominator), 1.0) * token_budget)
+    raise ValueError(
+        f"unknown loss aggregation {mode!r}; choose token-mean, seq-mean-token-mean or seq-mean-token-sum-norm"
+    )
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.extension import LossTerms, RLVRCallback
 from relax_pl.models import load_causal_lm
 from relax_pl.objectives import group_advantages
+from relax_pl.rollout import HFGenerate
 
 # the rewards live in a light module of their own (scoring workers import it); recipes may name them here
 from probe_rewards import (  # noqa: F401
@@ -70,7 +71,7 @@ class ShardProbe(RLVRCallback):
     def on_rollout_end(self, trainer, module, rollout) -> None:
         size = rollout.group_size
         rows = [sample["row"] for sample in rollout.samples]
-        expected = group_advantages(rollout.rewards, size, scale=module.objective.scale_advantages)
+        expected = group_advantages(rollout.rewards, size, scale=module.objective.advantages_scaled)
         self.record["steps"].append(
             {
                 "width": rollout.response_mask.shape[1],
@@ -79,6 +80,7 @@ class ShardProbe(RLVRCallback):
                 "group_size": size,
                 "rewards": rollout.rewards.tolist(),
                 "advantages_match": bool(torch.equal(expected, rollout.advantages)),
+                "advantages": rollout.advantages.tolist(),
             }
         )
 
@@ -324,3 +326,34 @@ def tiny_recipe(
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+# ------------------------------------------------------------------------------------------------ contracts
+class LoggingEngine(HFGenerate):
+    """HFGenerate that logs, as the README tells an engine to, the prompts of each training rollout."""
+
+    def generate(self, module, prompts, samples, sampling, greedy=False):
+        if module.trainer.training:
+            module.log("rollout/prompts", float(len(prompts)), batch_size=1)
+        return super().generate(module, prompts, samples, sampling, greedy)
+
+
+class ContractProbe(RLVRCallback):
+    """Returns, on every micro-batch, a loss term that is its share of 1 over the mini-batch and a metric that is the
+    micro-batch's row count; records what it saw of ``forward.rows``, ``forward.group_index`` and the rollout's reward
+    component names."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+        self.components: list[list[str]] = []
+
+    def on_rollout_end(self, trainer, module, rollout) -> None:
+        self.components.append(sorted(rollout.reward_components))
+        self.rollout = rollout
+
+    def policy_loss_terms(self, trainer, module, forward):
+        rows = forward.rows
+        self.seen.append({"rows": rows.tolist(), "groups": forward.group_index.tolist(),
+                          "expected_groups": self.rollout.group_index[rows].tolist()})
+        share = forward.mean_over_responses(torch.ones(len(rows), device=rows.device))
+        return LossTerms(losses={"probe/share": share}, metrics={"probe/micro_rows": float(len(rows))})

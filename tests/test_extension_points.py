@@ -4,8 +4,10 @@ written (each code block is copied out of README.md into a module of its own), a
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from relax_pl.cli import main
 from relax_pl.families import FAMILIES, family_of, final_norm
 from relax_pl.forward import ResponseForward
 from relax_pl.losses import LossInput
+from relax_pl.objectives import group_advantages
 from relax_pl.rewards import MathReward, RewardScorer, named_rewards
 from relax_pl.rollout import RolloutBatch
 from relax_pl.setups import SingleDevice
@@ -78,6 +81,57 @@ def test_a_loss_a_regulariser_and_several_rewards_from_their_own_files(tmp_path,
     assert moved_weights(policy_weights(tmp_path / "run" / "checkpoints" / "last.ckpt"), tiny_model)
 
 
+def test_dr_grpo_trains_with_centred_advantages_from_the_recipe_key_alone(tmp_path, tiny_model):
+    """``policy_loss: relax_pl.losses.DrGRPO`` and nothing else: the advantages are only centred (r - group mean, not
+    divided by the std) and the update reduces with the token budget (it would raise without one)."""
+    recipe = tiny_recipe(
+        tmp_path, tiny_model, [{"class_path": "probes.ShardProbe", "init_args": {"out": str(tmp_path / "probe")}}],
+        model={"reward": {"class_path": "probe_rewards.ParityAccuracyReward"},
+               "objective": {"policy_loss": {"class_path": "relax_pl.losses.DrGRPO"}}},
+    )
+    main(["fit", "--config", str(recipe)])
+    steps = json.loads((tmp_path / "probe" / "rank0.json").read_text())["steps"]
+    scaled_differs = False
+    for step in steps:
+        rewards = torch.tensor(step["rewards"]).view(-1, step["group_size"])
+        centred = (rewards - rewards.mean(-1, keepdim=True)).reshape(-1)
+        assert torch.tensor(step["advantages"]).tolist() == pytest.approx(centred.tolist(), abs=1e-6)
+        scaled_differs |= not torch.allclose(centred, group_advantages(rewards.reshape(-1), step["group_size"]))
+    assert scaled_differs  # GRPO's std scaling would have given other advantages
+    scalars, _ = tensorboard_logs(tmp_path)
+    assert any(v != 0 for v in scalars["actor/pg_loss"])
+    assert moved_weights(policy_weights(tmp_path / "checkpoints" / "last.ckpt"), tiny_model)
+
+
+def test_what_a_callback_sees_and_how_its_terms_and_an_engines_metrics_are_logged(tmp_path, tiny_model):
+    """The README's contract for callback and engine authors: forward.rows index the rollout and forward.group_index
+    is the rows' prompt; with several rewards the components are "<Name>/<part>"; a loss term is its micro-batch's
+    share (the shares add up to the mini-batch term, which is what is logged) while a metric is averaged over the
+    micro-batches; an engine logs through module.log during the training step."""
+    probe = {"class_path": "probes.ContractProbe"}
+    recipe = tiny_recipe(
+        tmp_path, tiny_model, [probe],
+        model={
+            "reward": [
+                {"class_path": "relax_pl.rewards.MathReward"}, {"class_path": "probe_rewards.LengthParityReward"}
+            ],
+            "rollout": {"class_path": "probes.LoggingEngine"},
+            "update": {"micro_batch_size": 2, "mini_batch_size": 4},
+        },
+    )
+    cli = main(["fit", "--config", str(recipe)])
+    callback = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ContractProbe")
+    assert callback.components[0] == [
+        "LengthParityReward", "MathReward", "MathReward/accuracy", "MathReward/format", "overall"
+    ]
+    assert all(seen["groups"] == seen["expected_groups"] and len(seen["rows"]) == 2 for seen in callback.seen)
+    assert len(callback.seen) == 4 and len({row for seen in callback.seen for row in seen["rows"]}) == 8  # 2 x 2
+    scalars, _ = tensorboard_logs(tmp_path)
+    assert scalars["probe/share"] == pytest.approx([1.0])  # shares of 2/4 summed per mini-batch: the term is 1
+    assert scalars["probe/micro_rows"] == pytest.approx([2.0])  # averaged over the 4 micro-batches, not summed
+    assert scalars["rollout/prompts"] == pytest.approx([2.0])
+
+
 def test_several_rewards_each_bounded_and_named():
     with pytest.raises(ValueError, match="2 weights for 3 rewards"):
         named_rewards([MathReward(), MathReward(), LengthParityReward()], [1.0, 2.0])
@@ -125,6 +179,40 @@ def test_the_readme_model_family_is_one_file(tmp_path, monkeypatch):
         read_gpt2(model)
     finally:
         FAMILIES.pop("gpt2", None)  # the other tests see relax_pl's own families only
+
+
+def test_a_family_adapter_is_imported_by_the_recipe_and_checked_when_the_model_loads(tmp_path, monkeypatch):
+    """A GPT-2 checkpoint without an adapter fails when the policy loads, naming gpt2 and the known families, before
+    any rollout; with the README's adapter in a module the recipe lists under ``imports``, the same recipe trains."""
+    from relax_pl.rollout import HFGenerate
+    from relax_pl.testing import build_test_tokenizer
+
+    tokenizer = build_test_tokenizer()
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=256,
+                        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id)
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    recipe = tiny_recipe(tmp_path / "run", folder, model={"reward": {"class_path": "probe_rewards.LengthParityReward"}})
+
+    real_generate = HFGenerate.generate
+    monkeypatch.setattr(HFGenerate, "generate", lambda *a, **k: pytest.fail("a rollout ran before the family check"))
+    with pytest.raises(ValueError, match="model_type 'gpt2'.*known families are llama, qwen2, qwen2_5_vl, qwen2_vl"):
+        main(["fit", "--config", str(recipe)])
+    monkeypatch.setattr(HFGenerate, "generate", real_generate)
+
+    sys.modules.pop("my_families", None)
+    readme_module("Write a model family", "my_families", tmp_path, monkeypatch)  # the file, on the path
+    sys.modules.pop("my_families")  # imported again by the run, from the recipe's imports alone
+    FAMILIES.pop("gpt2")
+    try:
+        main(["fit", "--config", str(recipe), "--imports", "my_families"])
+        assert FAMILIES["gpt2"].__name__ == "GPT2"
+    finally:
+        FAMILIES.pop("gpt2", None)
+        sys.modules.pop("my_families", None)
+    assert moved_weights(policy_weights(tmp_path / "run" / "checkpoints" / "last.ckpt"), folder)
 
 
 def read_gpt2(model: GPT2LMHeadModel) -> None:

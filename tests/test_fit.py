@@ -169,12 +169,26 @@ def test_every_optimiser_step_is_applied_and_moves_the_weights(tmp_path, tiny_mo
     assert cli.trainer.global_step == 8
 
 
-def test_print_config_of_every_shipped_recipe(capsys):
+def print_config(capsys, *args: str) -> str:
+    """What ``fit --print_config`` prints for ``args``, checking that it exits cleanly and warns nothing."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    printed = capsys.readouterr()
+    assert exit_info.value.code in (0, None), printed.err
+    assert "Unable to serialize" not in printed.out + printed.err
+    return printed.out
+
+
+def test_print_config_of_every_shipped_recipe_is_a_recipe(tmp_path, capsys, recwarn):
+    """A resolved recipe re-runs the same run: each shipped recipe's --print_config, fed back as --config, parses
+    (no weights are read, so the GPU and hub recipes parse here too) and resolves to the same config."""
     for recipe in sorted(Path("recipes").glob("*.yaml")):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["fit", "--config", str(recipe), "--print_config"])
-        assert exit_info.value.code in (0, None), recipe
-        assert "pretrained" in capsys.readouterr().out
+        resolved = print_config(capsys, "--config", str(recipe))
+        assert "pretrained" in resolved
+        copy = tmp_path / recipe.name
+        copy.write_text(resolved)
+        assert print_config(capsys, "--config", str(copy)) == resolved, recipe
+    assert not [w for w in recwarn if "serialize" in str(w.message)]
 
 
 WRITER = """
@@ -298,6 +312,29 @@ def test_validation_accuracies_are_the_means_of_what_was_scored(tmp_path, tiny_m
     assert metrics["val/accuracy/greedy"] == pytest.approx(float(torch.cat(greedy).mean()))
     sampled_overall = torch.cat([components["overall"] for components, k in scored if k == 4])
     assert metrics["val/reward"] == pytest.approx(float(sampled_overall.mean()))
+
+
+def test_val_accuracy_with_several_rewards_and_with_none_that_reports_one(tmp_path, tiny_model):
+    """Several rewards: val/accuracy is the first reward's that reports one (it used to vanish). No reward reporting
+    an accuracy: no val/accuracy at all, and a warning says so (it used to be the overall reward, silently)."""
+    recipe = write_recipe(tmp_path, tiny_model)
+    args = ["--model.validation.num_responses", "4", "--model.validation.temperature", "1.0",
+            "--trainer.limit_val_batches", "1", "--data.val_batch_size", "3", "--trainer.logger", "false"]
+    several = json.dumps([{"class_path": "probes.LengthParityReward"}, {"class_path": "probes.ParityAccuracyReward"}])
+    cli = main(["validate", "--config", str(recipe), *args, "--model.reward", several], model_class=recording_module())
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    sampled = [c["ParityAccuracyReward/accuracy"] for c, k in zip(RecordingModule.recorded["val"],
+                                                                   RecordingModule.group_sizes["val"]) if k == 4]
+    accuracy = float(torch.cat(sampled).mean())
+    assert 0 < accuracy < 1
+    assert metrics["val/accuracy"] == pytest.approx(accuracy)
+    assert metrics["val/accuracy/mean@4"] == pytest.approx(accuracy)
+    assert metrics["val/ParityAccuracyReward/accuracy"] == pytest.approx(accuracy)
+
+    with pytest.warns(UserWarning, match="no reward of model.reward reports an 'accuracy'"):
+        cli = main(["validate", "--config", str(recipe), *args, "--model.reward", "probes.LengthParityReward"])
+    metrics = cli.trainer.callback_metrics
+    assert "val/reward" in metrics and not [name for name in metrics if "accuracy" in name], sorted(metrics)
 
 
 def test_rlvr_module_imports_no_callback():

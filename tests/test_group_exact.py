@@ -37,6 +37,7 @@ LOSSES = {  # recipe arguments of each policy loss
     "kl_cov": ["--model.objective.policy_loss=relax_pl.losses.KLCov", "--model.objective.policy_loss.ratio=0.05"],
     "gspo": ["--model.objective.policy_loss=relax_pl.losses.GSPO"],
     "cispo": ["--model.objective.policy_loss=relax_pl.losses.CISPO", "--model.objective.policy_loss.clip_high=0.01"],
+    "dr_grpo": ["--model.objective.policy_loss=relax_pl.losses.DrGRPO"],
 }
 
 
@@ -78,6 +79,7 @@ def one_step(folder, model, group: int, micro: int, policy_loss: str, spectrum: 
           for group, spectrum in ((5, "sv_compat"), (8, "eig"))),
         (5, "sv_compat", "gspo"),  # seq-mean-token-mean: the mini-batch's response count is the normaliser
         (5, "sv_compat", "cispo"),
+        (5, "sv_compat", "dr_grpo"),  # seq-mean-token-sum-norm: responses and the token budget are the normaliser
     ],
     ids=lambda value: {5: "group5", 8: "group8"}.get(value, str(value)),
 )

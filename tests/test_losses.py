@@ -1,12 +1,13 @@
-"""The policy losses (relax_pl.losses), each against values computed by hand: PPO-clip, Clip-Cov, KL-Cov, GSPO and
-CISPO, their statistics, and the hooks the module calls (select over the mini-batch, check of the update plan)."""
+"""The policy losses (relax_pl.losses), each against values computed by hand: PPO-clip, Clip-Cov, KL-Cov, GSPO,
+CISPO and Dr. GRPO, their statistics, and the hooks the module calls (select over the mini-batch, check of the update plan)."""
 
 import math
 
 import pytest
 import torch
 
-from relax_pl.losses import CISPO, GSPO, ClipCov, KLCov, LossInput, PPOClip, UpdatePlan
+from relax_pl.config import ObjectiveConfig
+from relax_pl.losses import CISPO, GSPO, ClipCov, DrGRPO, KLCov, LossInput, PPOClip, UpdatePlan
 from relax_pl.losses.cispo import clipped_weight_surrogate
 from relax_pl.losses.clip_cov import clip_cov_selection, clip_cov_surrogate
 from relax_pl.losses.gspo import sequence_ratio_surrogate
@@ -186,3 +187,21 @@ def test_cispo_hand_computed_keeps_every_tokens_gradient():
     assert float(out.metrics["actor/is_weight_clipfrac"]) == pytest.approx(1 / 3)
     _, clipped = clipped_weight_surrogate(logp.detach(), torch.zeros(1, 3), torch.tensor([2.0]), 0.2, 0.28)
     assert clipped.tolist() == [[True, True, False]]  # with a lower bound 0.8 the 0.5 is clipped too
+
+
+# ------------------------------------------------------------------------------------------------ Dr. GRPO
+def test_dr_grpo_declares_its_reduction_and_unscaled_advantages():
+    """DrGRPO needs no objective keys: it brings seq-mean-token-sum-norm and centred-only advantages; a recipe that
+    asks for GRPO's normalisations with it is refused, naming the key."""
+    objective = ObjectiveConfig(policy_loss=DrGRPO())
+    assert objective.aggregation == "seq-mean-token-sum-norm" and objective.advantages_scaled is False
+    assert ObjectiveConfig().aggregation == "token-mean" and ObjectiveConfig().advantages_scaled is True
+    assert ObjectiveConfig(scale_advantages=False).advantages_scaled is False  # any loss may be run unscaled
+    with pytest.raises(ValueError, match="model.objective.loss_agg=token-mean conflicts"):
+        ObjectiveConfig(policy_loss=DrGRPO(), loss_agg="token-mean")
+    with pytest.raises(ValueError, match="model.objective.scale_advantages=True conflicts"):
+        ObjectiveConfig(policy_loss=DrGRPO(), scale_advantages=True)
+    # PPO's clipped surrogate per token, as PPOClip's
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
+    batch = LossInput(logp, torch.zeros(1, 3), torch.tensor([2.0]), torch.ones(1, 3, dtype=torch.bool))
+    assert torch.equal(DrGRPO()(batch).per_token, PPOClip()(batch).per_token)

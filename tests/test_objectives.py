@@ -69,6 +69,21 @@ def test_aggregation_modes():
         obj.aggregate(values, mask, "sum")
 
 
+def test_seq_mean_token_sum_norm_divides_by_responses_and_the_token_budget():
+    """Dr. GRPO's reduction: (1/N) sum_i sum_t v_it / L. A response's tokens are summed, not averaged, so each token of
+    a long response pulls as hard as one of a short response; micro-batch shares add up to the mini-batch's."""
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    assert float(obj.aggregate(values, mask, "seq-mean-token-sum-norm", token_budget=5)) == pytest.approx(10 / (2 * 5))
+    halves = [obj.aggregate(values[i : i + 1], mask[i : i + 1], "seq-mean-token-sum-norm", 2, 5) for i in range(2)]
+    assert float(sum(halves)) == pytest.approx(10 / (2 * 5))
+    logp = torch.zeros(2, 3, requires_grad=True)
+    obj.aggregate(-logp, mask, "seq-mean-token-sum-norm", token_budget=5).backward()
+    assert logp.grad[mask].tolist() == pytest.approx([-0.1] * 4)  # the same on every token, long response or short
+    with pytest.raises(ValueError, match="token_budget"):
+        obj.aggregate(values, mask, "seq-mean-token-sum-norm")
+
+
 def test_token_logprobs_and_entropy_match_full_softmax_and_gradients():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 11, bias=False)

@@ -257,6 +257,19 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[batch * self.batch_size : self.batches_per_epoch * self.batch_size])
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler`, which declares itself resumable as Lightning asks of a loader it
+    resumes mid-epoch: its position is Lightning's own batch counter, restored with the checkpoint before the first
+    batch is drawn, so there is nothing of its own to load (and Lightning does not warn that the resume is
+    unreliable)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"trained_batches": self.sampler.position()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Nothing to restore: the position comes from Lightning's restored batch counter."""
+
+
 class PromptDataModule(L.LightningDataModule):
     """Prompts for RL with verifiable rewards, from a built-in task, a JSONL file, a local dataset folder or a
     Hugging Face hub dataset (see :mod:`relax_pl.data.sources` for the forms of ``train_source``).
@@ -432,7 +445,7 @@ class PromptDataModule(L.LightningDataModule):
             shuffle=self.shuffle,
             seed=self.seed,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_data,
             batch_size=self.batch_size,
             sampler=sampler,

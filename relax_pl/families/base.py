@@ -32,7 +32,8 @@ class ModelFamily:
 
     The module, the setups and the rollout engines call:
 
-    * loading: :attr:`vision_language` (load with the image-text-to-text class and a processor);
+    * loading: :attr:`vision_language` (load with the image-text-to-text class and a processor), :meth:`check` (once
+      the policy has loaded);
     * forwards: :meth:`final_norm` (its output is what callbacks see as hidden states), :meth:`position_ids`;
     * sharding: :meth:`decoder_blocks` (FSDP's units);
     * vision-language prompts: :attr:`token_inputs`, :meth:`fallback_processor`, :meth:`image_tokens`,
@@ -66,6 +67,12 @@ class ModelFamily:
     def model_class(self) -> type:
         """The transformers auto class that loads this family's checkpoints for training and generation."""
         return AutoModelForImageTextToText if self.vision_language else AutoModelForCausalLM
+
+    def check(self, model: nn.Module) -> None:
+        """Raise, naming what is missing and the known families, when relax_pl cannot train ``model``; called as soon
+        as the policy loads, so that a model without an adapter fails before the first rollout (its final norm,
+        which every update forward reads; what only images or FSDP need is checked where it is needed)."""
+        self.final_norm(model)
 
     # ------------------------------------------------------------------------------------------------ forwards
     def final_norm(self, model: nn.Module) -> nn.Module:

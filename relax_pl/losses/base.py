@@ -71,8 +71,11 @@ class PolicyLoss:
       When the mini-batch takes several micro-batches this costs one extra no-grad forward over it.
     * :meth:`check`: refuse an update plan under which the loss would compute something else than asked (before
       any weights are read).
-    * ``aggregation``: a loss that only makes sense reduced one way declares it (GSPO: ``seq-mean-token-mean``);
-      ``model.objective.loss_agg`` then defaults to it, and a recipe that asks for another is refused.
+    * ``aggregation``: a loss that only makes sense reduced one way declares it (GSPO: ``seq-mean-token-mean``,
+      DrGRPO: ``seq-mean-token-sum-norm``); ``model.objective.loss_agg`` then defaults to it, and a recipe that asks
+      for another is refused.
+    * ``scale_advantages``: likewise for dividing the group advantages by the group's std (DrGRPO: False);
+      ``model.objective.scale_advantages`` defaults to it, and a recipe that asks otherwise is refused.
 
     Example::
 
@@ -82,6 +85,7 @@ class PolicyLoss:
     """
 
     aggregation: LossAggregation | None = None
+    scale_advantages: bool | None = None
 
     def __call__(self, batch: LossInput) -> LossOutput:
         """The per-token loss of ``batch`` (a micro-batch) and this loss's statistics."""
