@@ -88,6 +88,7 @@ class PromptResult:
     source: str
     samples: list[float]  # correctness of each sample, in [0, 1]
     greedy: float
+    scored_by: str = "accuracy"  # or the overall reward, for a reward that reports no accuracy
 
     def per_prompt(self, ks: list[int]) -> dict[str, float]:
         n, c = len(self.samples), sum(s >= 0.5 for s in self.samples)
@@ -130,18 +131,33 @@ def paired(first: dict[str, Any], other: dict[str, Any], draws: int = 2000, seed
 # ------------------------------------------------------------------------------------------------ sampling
 def score_prompts(module: Any, batch: list[dict[str, Any]], num_samples: int) -> list[PromptResult]:
     """Sample ``num_samples`` answers at the recipe's sampling settings and one greedy answer for each prompt of
-    ``batch`` with ``module`` (an :class:`~relax_pl.module.RLVRModule`), scored by its reward."""
+    ``batch`` with ``module`` (an :class:`~relax_pl.module.RLVRModule`), scored by :func:`answer_scores`."""
     from dataclasses import replace
-
-    from relax_pl.metrics import correctness
 
     sampling = replace(module.sampling, num_responses=num_samples,
                        max_new_tokens=module.validation.max_new_tokens or module.sampling.max_new_tokens)
-    sampled = correctness(module.compute_rewards(module.generate(batch, sampling))).view(len(batch), num_samples)
+    components = module.compute_rewards(module.generate(batch, sampling))
+    sampled = answer_scores(components).view(len(batch), num_samples)
     greedy_rollout = module.generate(batch, replace(sampling, num_responses=1), greedy=True)
-    greedy = correctness(module.compute_rewards(greedy_rollout))
+    greedy = answer_scores(module.compute_rewards(greedy_rollout))
     return [PromptResult(int(sample["row"]), str(sample.get("data_source") or sample["source"]),
-                         sampled[i].tolist(), float(greedy[i])) for i, sample in enumerate(batch)]
+                         sampled[i].tolist(), float(greedy[i]), scored_by(components))
+            for i, sample in enumerate(batch)]
+
+
+def answer_scores(components: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How right each answer is: the reward's accuracy (the first reward's that reports one); a reward without an
+    accuracy is scored by its overall value, which ``evaluation.json`` says (``settings.scored_by``)."""
+    from relax_pl.metrics import correctness
+
+    accuracy = correctness(components)
+    return components["overall"] if accuracy is None else accuracy
+
+
+def scored_by(components: dict[str, torch.Tensor]) -> str:
+    from relax_pl.metrics import correctness
+
+    return "overall reward (no reward reports an accuracy)" if correctness(components) is None else "accuracy"
 
 
 def gather(results: list[PromptResult]) -> list[PromptResult]:
@@ -210,6 +226,7 @@ def evaluate(config: str, checkpoints: list[str | None], num_samples: int = 16, 
             "temperature": module.sampling.temperature, "top_p": module.sampling.top_p, "top_k": module.sampling.top_k,
             "max_new_tokens": module.validation.max_new_tokens or module.sampling.max_new_tokens,
             "engine": type(module.rollout_engine).__name__, "devices": trainer.world_size, "seed": seed,
+            "scored_by": results[0].scored_by,
             "confidence": CONFIDENCE, "bootstrap": "percentile, 2000 draws over prompts",
         },
         "checkpoints": evaluated,

@@ -93,6 +93,7 @@ def test_evaluate_compares_a_checkpoint_with_the_base_model(tmp_path, trained):
     written = json.loads((out / "evaluation.json").read_text())
     assert (out / "evaluation.png").stat().st_size > 0
     assert written["settings"]["prompts"] == 5 and written["settings"]["num_samples"] == 4
+    assert written["settings"]["scored_by"] == "overall reward (no reward reports an accuracy)"  # LengthParityReward
     base, after = written["checkpoints"]
     assert base["path"] is None and base["step"] is None and after["path"] == str(checkpoint) and after["step"] == 2
     assert base["rows"] == after["rows"] == [0, 1, 2, 3, 4]
