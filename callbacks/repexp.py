@@ -13,7 +13,7 @@ from typing_extensions import override
 from relax_pl import objectives as obj
 from relax_pl.callbacks.koopman_fit import log_metrics
 from relax_pl.extension import DetachedForward, RLVRCallback
-from relax_pl.metrics import correctness
+from relax_pl.metrics import correctness_or_overall
 from relax_pl.rollout import RolloutBatch
 
 
@@ -64,10 +64,10 @@ class RepExp(RLVRCallback):
        every step (:func:`sparse_random_projection`);
     3. bonus: ``b_i = c_i^T (lam I + sum_{j in g} c_j c_j^T)^{-1} c_i`` with ``c`` the group-centred ``phi``
        (:func:`group_leverage`); ``b_i = 0`` for every response of a group with no correct one
-       (``gate_none_correct``; correct: :func:`relax_pl.metrics.correctness` > 0, the accuracy component when the
-       reward has one, where the code reads the summed reward, which a format bonus would make positive);
+       (``gate_none_correct``; correct: :func:`relax_pl.metrics.correctness_or_overall` > 0, the accuracy component
+       when the reward has one, where the code reads the summed reward, which a format bonus would make positive);
     4. reward: ``r'_i = r_i + beta * b_i``, and the advantages are the GRPO ones of ``r'``
-       (``model.objective.scale_advantages`` as for the plain reward).
+       (``model.objective.scale_advantages`` or the loss's own, as for the plain reward).
 
     The covariance lives one step and one group, as in the paper's runs (``persist_covariance=False``): there is no
     covariance to carry across steps, so the callback has no training state. The projection of the step that starts
@@ -157,7 +157,7 @@ class RepExp(RLVRCallback):
         if features is None:
             raise RuntimeError("RepExp(representation='policy') got no hidden states from the shared forward")
         bonus = self.bonus(features, rollout, trainer.global_step)
-        correct = correctness(rollout.reward_components) > 0
+        correct = correctness_or_overall(rollout.reward_components) > 0
         gated = torch.zeros_like(correct)
         if self.gate_none_correct:
             any_correct = torch.zeros(int(rollout.group_index.max()) + 1, dtype=torch.bool, device=correct.device)
@@ -165,7 +165,7 @@ class RepExp(RLVRCallback):
             gated = ~any_correct[rollout.group_index]
         shaped = rollout.rewards + self.beta * torch.where(gated, 0.0, bonus).to(rollout.rewards.dtype)
         before = rollout.advantages
-        rollout.advantages = obj.group_advantages(shaped, rollout.group_size, scale=module.objective.scale_advantages)
+        rollout.advantages = obj.group_advantages(shaped, rollout.group_size, scale=module.objective.advantages_scaled)
         metrics = {
             "repexp/bonus_mean": float(bonus.mean()),
             "repexp/bonus_group_std": float(bonus.view(-1, rollout.group_size).std(1).mean()),

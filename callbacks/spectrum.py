@@ -20,7 +20,7 @@ from relax_pl.callbacks.koopman_fit import KoopmanFit, find_koopman_fit, log_met
 from relax_pl.callbacks.repexp import group_leverage, sparse_random_projection
 from relax_pl.extension import DetachedForward, RLVRCallback
 from relax_pl.koopman import koopman_eigenvalues
-from relax_pl.metrics import correctness
+from relax_pl.metrics import correctness_or_overall
 from relax_pl.rollout import RolloutBatch
 
 
@@ -34,7 +34,7 @@ class SpectrumMonitor(RLVRCallback):
     states (:func:`~relax_pl.callbacks.effective_rank.effective_rank`) and its RepExp novelty against its group
     (:func:`~relax_pl.callbacks.repexp.group_leverage` of the mean-pooled states under a fixed sparse projection,
     ``lam=0.01``, 32 columns: RepExp's bonus on the policy's states). Logged as means over all, correct and
-    incorrect responses (correct: :func:`relax_pl.metrics.correctness` > 0; a split with no response is left out):
+    incorrect responses (correct: :func:`relax_pl.metrics.correctness_or_overall` > 0; a split with no response is left out):
     ``probes/dsd_eig/{all,correct,incorrect}``, ``probes/dsd_sv/...``, ``probes/effective_rank/...``,
     ``probes/repexp_novelty/...``; with ``probes/correct_frac`` and ``timing_s/probes`` (this callback's own
     compute; its share of the forward is in ``timing_s/hidden``). Also ``koopman/dsd_mean``, ``koopman/dsd_median``
@@ -118,7 +118,7 @@ class SpectrumMonitor(RLVRCallback):
         fit.ensure_fitted(trainer, module, rollout)
         start = time.perf_counter()
         trajectories = self._trajectories
-        correct = (correctness(rollout.reward_components)[self._rows] > 0).cpu()
+        correct = (correctness_or_overall(rollout.reward_components)[self._rows] > 0).cpu()
         dsd_eig, valid = fit.dsd_of(trajectories, eps=fit.eps, n_min=self.n_min, spectrum="eig")
         dsd_sv, _ = fit.dsd_of(
             trajectories, eps=fit.eps, n_min=self.n_min, spectrum="sv_compat",

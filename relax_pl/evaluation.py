@@ -137,21 +137,12 @@ def score_prompts(module: Any, batch: list[dict[str, Any]], num_samples: int) ->
     sampling = replace(module.sampling, num_responses=num_samples,
                        max_new_tokens=module.validation.max_new_tokens or module.sampling.max_new_tokens)
     components = module.compute_rewards(module.generate(batch, sampling))
-    sampled = answer_scores(components).view(len(batch), num_samples)
+    sampled = correctness_or_overall(components).view(len(batch), num_samples)
     greedy_rollout = module.generate(batch, replace(sampling, num_responses=1), greedy=True)
-    greedy = answer_scores(module.compute_rewards(greedy_rollout))
+    greedy = correctness_or_overall(module.compute_rewards(greedy_rollout))
     return [PromptResult(int(sample["row"]), str(sample.get("data_source") or sample["source"]),
                          sampled[i].tolist(), float(greedy[i]), scored_by(components))
             for i, sample in enumerate(batch)]
-
-
-def answer_scores(components: dict[str, torch.Tensor]) -> torch.Tensor:
-    """How right each answer is: the reward's accuracy (the first reward's that reports one); a reward without an
-    accuracy is scored by its overall value, which ``evaluation.json`` says (``settings.scored_by``)."""
-    from relax_pl.metrics import correctness
-
-    accuracy = correctness(components)
-    return components["overall"] if accuracy is None else accuracy
 
 
 def scored_by(components: dict[str, torch.Tensor]) -> str:

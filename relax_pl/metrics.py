@@ -144,6 +144,13 @@ def correctness(components: dict[str, Tensor]) -> Tensor | None:
     return next((v for k, v in components.items() if k.endswith("/accuracy")), None)
 
 
+def correctness_or_overall(components: dict[str, Tensor]) -> Tensor:
+    """:func:`correctness`, or the overall reward for a reward that reports no accuracy: for what needs a score for
+    every answer whatever the reward (latent probes split by right / wrong, ``evaluate``)."""
+    accuracy = correctness(components)
+    return components["overall"] if accuracy is None else accuracy
+
+
 class ValidationMeans:
     """The validation metrics of an epoch: each reward component, the response length, and accuracy as mean@k,
     pass@k and per data source. Kept in a plain dict (never in the module's state_dict, never sharded)."""
