@@ -24,6 +24,7 @@ from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.extension import LossTerms, RLVRCallback
 from relax_pl.models import load_causal_lm
 from relax_pl.objectives import group_advantages
+from relax_pl.rollout import HFGenerate
 
 # the rewards live in a light module of their own (scoring workers import it); recipes may name them here
 from probe_rewards import (  # noqa: F401
@@ -287,3 +288,10 @@ def tiny_recipe(
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def hf_generate(module) -> HFGenerate:
+    """An HFGenerate engine set up on ``module``'s run: the policy's own responses, beside the module's engine."""
+    engine = HFGenerate()
+    engine.setup(module.rollout_context())
+    return engine

@@ -26,7 +26,7 @@ from relax_pl.rollout import VLLM, HFGenerate, SamplingConfig
 from relax_pl.setups import QLoRA
 from relax_pl.testing import save_tiny_model
 
-from probes import tensorboard_logs, tiny_recipe
+from probes import hf_generate, tensorboard_logs, tiny_recipe
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -51,7 +51,7 @@ def greedy_pair(module: RLVRModule, batch):
     """One greedy response per prompt from the module's engine, and from HFGenerate on the policy itself."""
     sampling = replace(module.sampling, num_responses=1)
     prompts = [module.render_prompt(sample) for sample in batch]
-    policy = HFGenerate().generate(module, prompts, batch, sampling, greedy=True)
+    policy = hf_generate(module).generate(prompts, batch, sampling, greedy=True)
     return module.generate(batch, sampling, greedy=True), policy
 
 
@@ -77,7 +77,7 @@ def test_greedy_responses_equal_hfgenerate_before_and_after_an_optimiser_step(sm
     text = module.tokenizer("Bananas are yellow and the moon is made of cheese.", return_tensors="pt")
     module.policy(**text, labels=text["input_ids"]).loss.backward()
     optimizer.step()
-    module.rollout_engine.policy_updated(module)  # what RLVRModule.update_policy does after optimizer.step()
+    module.rollout_engine.policy_updated()  # what RLVRModule.update_policy does after optimizer.step()
     after, policy = greedy_pair(module, BATCH)
     assert not torch.equal(after.input_ids, before.input_ids)  # the engine answers with the new weights ...
     assert_same_responses(after, policy)  # ... exactly as the policy does
@@ -119,7 +119,7 @@ def test_lora_adapter_sync_changes_greedy_output_as_the_merged_model(tiny_llama)
         for name, param in module.policy.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    module.rollout_engine.policy_updated(module)
+    module.rollout_engine.policy_updated()
     adapted, policy = greedy_pair(module, BATCH)
     assert not torch.equal(adapted.input_ids, base.input_ids)
     assert_same_responses(adapted, policy)
