@@ -89,6 +89,31 @@ def test_engines_run_on_their_context_alone(tiny_model, monkeypatch):
         HFContinuousBatching().check(replace(context, lockstep=True))
 
 
+def test_sync_check_bound_and_modes():
+    """VLLM's decision on a measured gap (no engine needed): within the bound nothing happens; above it "error"
+    raises naming the engine, the step and the gap, "warn" warns, "off" checks nothing; the default bound follows
+    the engine's dtype."""
+    from relax_pl.rollout import WeightSyncError
+
+    def engine(**init_args) -> VLLM:
+        vllm = VLLM(**init_args)
+        vllm.context = RolloutContext(tokenizer=None, dtype="float32", step=lambda: 7)
+        return vllm
+
+    engine().check_gap(5e-4, "the sync probe")  # float32's default bound is 1e-3
+    with pytest.raises(WeightSyncError, match=r"VLLM does not serve .* after optimiser step 7: .* sync probe is 0.002 "):
+        engine().check_gap(2e-3, "the sync probe")
+    with pytest.raises(WeightSyncError, match="rollout's sampled tokens is nan"):
+        engine().verify_rollout(float("nan"))
+    engine(max_logp_gap=0.01).check_gap(2e-3, "the sync probe")
+    engine(dtype="bfloat16").check_gap(0.05, "the sync probe")  # a 16-bit engine's default is 0.1
+    with pytest.warns(UserWarning, match="max_logp_gap=0.001"):
+        engine(sync_check="warn").verify_rollout(0.5)
+    assert engine(sync_check="off").verify_rollout(0.5) == {}
+    with pytest.raises(ValueError, match="max_logp_gap must be > 0"):
+        VLLM(max_logp_gap=0)
+
+
 def test_truncated_importance_weights_by_hand():
     policy = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -0.1, -9.0]])
     engine = torch.tensor([[-1.0, -1.5, -2.5], [-1.0, -0.1, -1.0]])

@@ -1,6 +1,7 @@
 """relax_pl.rollout.VLLM with the real engine (vLLM's CPU build, in the environment of scripts/bootstrap_vllm.sh):
 the same greedy responses as HFGenerate before and after an optimiser step, engine log-probs equal to the policy's,
-the LoRA adapter synced alone, and a CLI fit killed with SIGKILL that resumes to the uninterrupted run's weights.
+the LoRA adapter synced alone, a CLI fit killed with SIGKILL that resumes to the uninterrupted run's weights, and the
+sync check: a sync that does nothing stops the run on the next step, a correct one is never flagged.
 
     .venv-vllm/bin/python -m pytest -q -m vllm
 
@@ -21,8 +22,10 @@ import pytest
 import torch
 
 from relax_pl.checkpointing import load_checkpoint_file
+from relax_pl.cli import main
 from relax_pl.module import RLVRModule
-from relax_pl.rollout import VLLM, HFGenerate, SamplingConfig
+from relax_pl.rollout import VLLM, SamplingConfig, WeightSyncError
+from relax_pl.rollout.vllm import DEFAULT_MAX_LOGP_GAP
 from relax_pl.setups import QLoRA
 from relax_pl.testing import save_tiny_model
 
@@ -205,3 +208,47 @@ def test_qlora_recipe_with_vllm_runs(tmp_path, tiny_llama):
     assert all("lora_" in name for name in checkpoint["state_dict"])
     gaps = tensorboard_logs(tmp_path)[0]["rollout/logp_abs_diff"]
     assert len(gaps) == 3 and max(gaps) < LOGP_TOLERANCE, gaps
+
+
+class StaleVLLM(VLLM):
+    """VLLM whose weight and adapter syncs after the first do nothing: the engine keeps sampling from the weights
+    it received before the first rollout (the failure of TRL's issue 5312 and verl's 7495)."""
+
+    def load_weights(self) -> None:
+        if not getattr(self, "weights_loaded", False):
+            super().load_weights()
+        self.weights_loaded = True
+
+    def load_adapter(self) -> None:
+        if not getattr(self, "adapter_loaded", False):
+            super().load_adapter()
+        self.adapter_loaded = True
+
+
+LORA = {"class_path": "relax_pl.setups.LoRA", "init_args": {"rank": 8, "dropout": 0.0}}
+
+
+@pytest.mark.parametrize("setup", [None, LORA], ids=["full_weights", "lora_adapter"])
+def test_a_sync_that_does_nothing_is_caught_on_the_next_step(tmp_path, tiny_llama, setup):
+    """The first optimiser step's sync is skipped: the second rollout's sync check stops the run, naming the engine,
+    the step and the gap."""
+    model = {"rollout": {"class_path": "test_vllm.StaleVLLM"}}
+    recipe = vllm_recipe(tmp_path, tiny_llama, max_steps=3, **model, **({"setup": setup} if setup else {}))
+    with pytest.raises(WeightSyncError, match=r"StaleVLLM does not serve .* after optimiser step 1: .* sync probe is ") as caught:
+        main(["fit", "--config", str(recipe)])
+    print(caught.value)  # the measured gap, for the record (pytest -s)
+    checkpoints = sorted(path.name for path in (tmp_path / "checkpoints").glob("epoch=*"))
+    assert checkpoints == ["epoch=0-step=1.ckpt"]  # one step trained (the weights moved), the next never ran
+
+
+@pytest.mark.parametrize("setup", [None, LORA], ids=["full_weights", "lora_adapter"])
+def test_a_correct_sync_is_never_flagged_over_a_5_step_fit(tmp_path, tiny_llama, setup):
+    """Five optimiser steps at the default bound: no sync flagged, and both measured gaps far below it."""
+    recipe = vllm_recipe(tmp_path, tiny_llama, max_steps=5, **({"setup": setup} if setup else {}))
+    main(["fit", "--config", str(recipe)])
+    logged = tensorboard_logs(tmp_path)[0]
+    probe, rollout = logged["rollout/sync_probe_gap"], logged["rollout/logp_abs_diff"]
+    assert len(probe) == len(rollout) == 5
+    bound = DEFAULT_MAX_LOGP_GAP["float32"]
+    print(f"probe gaps {probe}, rollout gaps {rollout}")  # for the record (pytest -s)
+    assert max(probe) < bound / 10 and max(rollout) < bound / 10, (probe, rollout)
