@@ -1,15 +1,15 @@
 """Every policy-loss plug-in, the LoRA setup and (where vLLM is installed) the VLLM engine's weight-sync check, two
-rollouts (two optimiser steps each) on one device: does each run there, move the weights, and how long does its step take.
+rollouts (two optimiser steps each) on one device: does each run there, move the weights, how long is its step.
 
     python benchmarks/plugins_gpu.py           # GPU: a random 0.5B-shaped Qwen2 (Qwen2.5-0.5B's layers), bf16
     python benchmarks/plugins_gpu.py --tiny    # CPU: a tiny random Qwen2 in float32 (checks the script)
 
 Rows: ``PPOClip`` (the default), ``GSPO``, ``CISPO``, ``ClipCov``, ``KLCov`` under full fine-tuning; ``LoRA``
 (PPOClip on an adapter); with vLLM, ``VLLM`` and ``VLLM+LoRA`` (the engine synced after every step, the sync probe's
-and the rollout's log-prob gaps logged and checked against the default bound) and ``VLLM stale`` (syncs after the
-first do nothing: the check must stop the run at the second rollout). The reward is the response length's parity, so that the
-groups' rewards differ and every loss has something to push; ``moved`` is the largest change of a trainable weight.
-Random weights never stop early: every response is ``--new-tokens`` long.
+and the rollout's log-prob gaps logged and checked against the default bound) and ``VLLM stale`` (syncs after
+the first do nothing: the check must stop the run at the second rollout). The reward is the response length's
+parity, so that the groups' rewards differ and every loss has something to push; ``moved`` is the largest change of a
+trainable weight.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class StepRecorder(L.Callback):
         self.start: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, trainer, module) -> None:
-        self.start = {n: p.detach().float().cpu().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+        trainable = [(n, p) for n, p in module.policy.named_parameters() if p.requires_grad]
+        self.start = {n: p.detach().float().cpu().clone() for n, p in trainable}
 
     def on_train_batch_end(self, trainer, *args) -> None:
         self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})

@@ -234,7 +234,8 @@ def test_a_sync_that_does_nothing_is_caught_on_the_next_step(tmp_path, tiny_llam
     the step and the gap."""
     model = {"rollout": {"class_path": "test_vllm.StaleVLLM"}}
     recipe = vllm_recipe(tmp_path, tiny_llama, max_steps=3, **model, **({"setup": setup} if setup else {}))
-    with pytest.raises(WeightSyncError, match=r"StaleVLLM does not serve .* after optimiser step 1: .* sync probe is ") as caught:
+    expected = r"StaleVLLM does not serve .* after optimiser step 1: .* sync probe is "
+    with pytest.raises(WeightSyncError, match=expected) as caught:
         main(["fit", "--config", str(recipe)])
     print(caught.value)  # the measured gap, for the record (pytest -s)
     checkpoints = sorted(path.name for path in (tmp_path / "checkpoints").glob("epoch=*"))
