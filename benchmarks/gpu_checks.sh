@@ -2,7 +2,8 @@
 # Every GPU measurement the issues ask for, in one device run, most wanted first, each under its own time limit
 # so that one slow part cannot starve the others. Prepare once here: `bash scripts/device_wheels.sh`; then run
 # on the lent machine with the device tool: command `bash benchmarks/gpu_checks.sh`, carry [".whl"],
-# timeout_s 600. Each part's output lands in $OUT/<part>.txt.
+# timeout_s 600. Each part's output lands in $OUT/<part>.txt. The parts' limits add up to 555 s (575 s with vLLM), under
+# the 600 s of one call with the wheels' install; a part that runs out of time is cut and the next one starts.
 #   TINY=1 bash benchmarks/gpu_checks.sh      # every part at tiny size on the CPU: checks this script
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,19 +34,22 @@ part() {  # part NAME SECONDS COMMAND...
 
 # vLLM: the lent GPU image has none and cannot fetch one (and its wheels are far above what the device tool carries),
 # so this part runs only where `pip install vllm` was possible; elsewhere it says so.
-if python3 -c "import vllm" 2>/dev/null; then VLLM_FLAG=--vllm ROLLOUT_S=210; else
-  VLLM_FLAG="" ROLLOUT_S=150
+if python3 -c "import vllm" 2>/dev/null; then VLLM_FLAG=--vllm ROLLOUT_S=150; else
+  VLLM_FLAG="" ROLLOUT_S=130
   echo "== vLLM is not installed here: the rollout part measures HFGenerate only (README, Rollout engines)"
 fi
 
 if [ "${TINY:-0}" = 1 ]; then
   part rollout 120 python3 benchmarks/rollout_gpu.py --tiny $VLLM_FLAG
+  part plugins 300 python3 benchmarks/plugins_gpu.py --tiny
   part dsd 300 python3 benchmarks/dsd_overhead.py --tokens 2x32 --m 8 --repeats 1 --fit-trajectories 8 --fit-steps 3
   part vl 120 python3 benchmarks/vl_gpu.py --tiny --relax --steps 2
   part setups 300 python3 benchmarks/setups_gpu.py --tiny
 else
   part rollout $ROLLOUT_S python3 benchmarks/rollout_gpu.py $VLLM_FLAG
-  part dsd 60 python3 benchmarks/dsd_overhead.py --model qwen2.5-1.5b-shape --tokens 16x2048 --device cuda
-  part vl 120 python3 benchmarks/vl_gpu.py --relax --steps 3
-  part setups 200 python3 benchmarks/setups_gpu.py
+  # the loss plug-ins, LoRA and (with vLLM) the weight-sync check: each runs, moves the weights, is caught when stale
+  part plugins 120 python3 benchmarks/plugins_gpu.py
+  part dsd 45 python3 benchmarks/dsd_overhead.py --model qwen2.5-1.5b-shape --tokens 16x2048 --device cuda
+  part vl 90 python3 benchmarks/vl_gpu.py --relax --steps 3
+  part setups 170 python3 benchmarks/setups_gpu.py
 fi

@@ -58,29 +58,29 @@ def timed(
     return time.perf_counter() - start, int(rollout.response_mask.sum())
 
 
-def vllm_module(model, tokenizer, sampling: SamplingConfig, device: torch.device, folder: str):
-    """An RLVRModule whose policy is ``model`` and whose engine is VLLM (the engine reads the saved config; the
-    weights come from the policy, as in training)."""
-    from relax_pl.module import RLVRModule
-    from relax_pl.rollout import VLLM
+def vllm_engine(model, tokenizer, sampling: SamplingConfig, device: torch.device, folder: str):
+    """A VLLM engine set up on ``model`` as the policy (the engine reads the saved config; the weights come from the
+    policy, as in training), through the handle every engine gets: no module."""
+    from relax_pl.rollout import VLLM, RolloutContext
 
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    engine = VLLM(dtype="float32" if device.type == "cpu" else "bfloat16")  # the model's own
-    module = RLVRModule(pretrained=folder, rollout=engine, sampling=sampling).to(device)
-    module.load_processing()
-    module.policy = model
-    module.rollout_engine.check(module)
-    module.rollout_engine.setup(module)
-    return module
+    dtype = "float32" if device.type == "cpu" else "bfloat16"  # the model's own
+    context = RolloutContext(
+        tokenizer=tokenizer, policy=model, pretrained=folder, device=device, dtype=dtype,
+        max_prompt_tokens=sampling.max_prompt_tokens, max_new_tokens=sampling.max_new_tokens,
+    )
+    engine = VLLM()
+    engine.check(context)
+    engine.setup(context)
+    return engine
 
 
-def timed_vllm(module, chats: list, device: torch.device) -> tuple[float, int]:
-    batch = [{"messages": chat, "row": i, "source": "benchmark"} for i, chat in enumerate(chats)]
+def timed_vllm(engine, prompts: list[str], sampling: SamplingConfig, device: torch.device) -> tuple[float, int]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    rollout = module.generate(batch)
+    engine.policy_updated()  # as after an optimiser step: the call includes the weight sync and its check
+    rollout = engine.generate(prompts, [{} for _ in prompts], sampling)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, int(rollout.response_mask.sum())
@@ -112,9 +112,9 @@ def main() -> None:
         print(f"| HFGenerate ({cache}) | {first:.2f} | {speeds} |", flush=True)
     if args.vllm:
         with tempfile.TemporaryDirectory() as folder:
-            module = vllm_module(model, tokenizer, sampling, device, folder)
-            first, first_tokens = timed_vllm(module, chats, device)
-            second, tokens = timed_vllm(module, chats, device)
+            engine = vllm_engine(model, tokenizer, sampling, device, folder)
+            first, first_tokens = timed_vllm(engine, prompts, sampling, device)
+            second, tokens = timed_vllm(engine, prompts, sampling, device)
         speeds = f"{first_tokens / first:,.0f} | {second:.2f} | {tokens / second:,.0f}"
         print(f"| VLLM | {first:.2f} | {speeds} |", flush=True)
 

@@ -33,8 +33,8 @@ from relax_pl.errors import RecipeError, RewardFailedError
 from relax_pl.data.prompts import load_processing, prompt_tokens, render_prompt
 from relax_pl.models import EMBEDDED_MODEL
 from relax_pl.rewards import MathReward, RewardScorer, VerifiableReward, named_rewards, reward_fields
-from relax_pl.rollout import HFGenerate, RolloutBatch, RolloutEngine, SamplingConfig
-from relax_pl.setups import Setup, SingleDevice
+from relax_pl.rollout import HFGenerate, RolloutBatch, RolloutContext, RolloutEngine, SamplingConfig
+from relax_pl.setups import RunLayout, Setup, SingleDevice
 from relax_pl.vision import VisionConfig
 
 
@@ -110,9 +110,9 @@ class RLVRModule(L.LightningModule):
         """Load the models lazily: a bad recipe fails in the parser before any weights are read."""
         if self.policy is not None:
             return
-        self.model_setup.check(self)
+        self.model_setup.check(self.run_layout())
         self.load_processing()
-        self.rollout_engine.check(self)
+        self.rollout_engine.check(self.rollout_context())
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.policy = self.model_setup.build_policy(
             self.pretrained, trust_remote_code=self.trust_remote_code, device=device
@@ -122,8 +122,33 @@ class RLVRModule(L.LightningModule):
         if self.needs_reference:
             self._reference[0] = self.model_setup.build_reference(self.policy)
         self.model_setup.parallelize(self.policy, self._reference[0], self.device_mesh)
-        self.rollout_engine.setup(self)
+        self.rollout_engine.setup(self.rollout_context())
         self.strict_loading = self.model_setup.strict_loading
+
+    def run_layout(self) -> RunLayout:
+        """What the setup is checked against: the trainer's processes and strategy, the recipe's update."""
+        if self._trainer is None:
+            return RunLayout(device=self.device, dynamic_sampling=self.update.dynamic_sampling)
+        trainer = self.trainer
+        return RunLayout(
+            trainer.world_size, trainer.strategy.root_device, trainer.strategy, self.update.dynamic_sampling
+        )
+
+    def rollout_context(self) -> RolloutContext:
+        """All the rollout engine sees of the run (the policy is None until it is built)."""
+        layout, validation = self.run_layout(), self.validation
+        trainer = self.trainer if self._trainer is not None else None
+        policy, setup = self.policy, self.model_setup
+        return RolloutContext(
+            tokenizer=self.tokenizer, policy=policy, processor=self.processor, family=self.family,
+            pretrained=self.pretrained, trust_remote_code=self.trust_remote_code, vision=self.vision,
+            device=layout.device, dtype=setup.forward_dtype(layout.device),
+            rank=trainer.global_rank if trainer else 0, local_rank=trainer.local_rank if trainer else 0,
+            world_size=layout.world_size, lockstep=setup.lockstep, generation=lambda: setup.generation(policy),
+            max_prompt_tokens=self.sampling.max_prompt_tokens,
+            max_new_tokens=max(self.sampling.max_new_tokens, validation.max_new_tokens or 0),
+            step=lambda: self.global_step,
+        )
 
     def load_processing(self) -> None:
         """The tokenizer and, for a vision-language checkpoint, its processor (no weights are read)."""
@@ -219,6 +244,7 @@ class RLVRModule(L.LightningModule):
                 rollout.ref_logp = self.reference_logprobs(rollout, torch.arange(len(rollout), device=self.device))
             with timer("update"):
                 metrics.update(self.update_policy(rollout))
+        metrics.update(self.rollout_engine.verify_rollout(metrics.get("rollout/logp_abs_diff")))
         metrics.update(timer.metrics())
         metrics.update(performance_metrics(rollout, timer, self.trainer.world_size, self.device))
         self.log("reward", metrics["critic/score/mean"], prog_bar=True, batch_size=1)
@@ -228,7 +254,7 @@ class RLVRModule(L.LightningModule):
         self, batch: list[dict[str, Any]], sampling: SamplingConfig | None = None, greedy: bool = False
     ) -> RolloutBatch:
         prompts = [self.render_prompt(sample) for sample in batch]
-        return self.rollout_engine.generate(self, prompts, batch, sampling or self.sampling, greedy=greedy)
+        return self.rollout_engine.generate(prompts, batch, sampling or self.sampling, greedy=greedy)
 
     def render_prompt(self, sample: dict[str, Any]) -> str:
         return render_prompt(self.tokenizer, self.processor, sample, self.pretrained)
@@ -341,7 +367,7 @@ class RLVRModule(L.LightningModule):
                 finite = bool(torch.isfinite(grad_norm))
                 if finite:
                     optimizer.step()
-                    self.rollout_engine.policy_updated(self)
+                    self.rollout_engine.policy_updated()
                 else:  # a non-finite gradient would poison the weights and every checkpoint after them
                     optimizer.zero_grad(set_to_none=True)
                     self._counters.skipped_updates += 1
@@ -463,7 +489,7 @@ class RLVRModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.model_setup.check_checkpoint(self.policy, checkpoint)
-        self.rollout_engine.policy_updated(self)  # the checkpoint's weights replace the ones an engine holds
+        self.rollout_engine.policy_updated()  # the checkpoint's weights replace the ones an engine holds
         # applied in on_train_start: in between, Lightning creates the DataLoader iterator, which draws its base
         # seed from the global generator (an uninterrupted run drew it before its first step, not here)
         self._resumed_rng_states = rng.saved_states(checkpoint, self.trainer.world_size, self.global_rank)

@@ -21,10 +21,11 @@ from __future__ import annotations
 import copy
 import re
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 
 from relax_pl.families import family_of
@@ -33,10 +34,19 @@ from relax_pl.models import load_causal_lm
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from relax_pl.module import RLVRModule
-
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]  # float64: for numerical checks
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """What a setup is checked against (:meth:`Setup.check`): the trainer's processes and strategy, and the recipe
+    values that constrain a layout."""
+
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")  # this process's (the strategy's root device)
+    strategy: Strategy | None = None  # None: no trainer (a module built by hand)
+    dynamic_sampling: bool = False  # model.update.dynamic_sampling
 
 
 class Setup:
@@ -57,8 +67,12 @@ class Setup:
         self.dtype = dtype
         self.gradient_checkpointing = gradient_checkpointing
 
-    def check(self, module: RLVRModule) -> None:
+    def check(self, layout: RunLayout) -> None:
         """Raise on settings this layout cannot run, naming what to change (called before loading weights)."""
+
+    def forward_dtype(self, device: torch.device) -> str:
+        """The dtype the policy's forward computes in on ``device``."""
+        return self.dtype
 
     def build_policy(self, pretrained: str, trust_remote_code: bool = False, device: torch.device | None = None) -> nn.Module:
         policy = load_causal_lm(pretrained, dtype=self.dtype, trust_remote_code=trust_remote_code)
@@ -151,8 +165,8 @@ class LoRA(Setup):
         self.target_modules = target_modules
         self.exclude_modules = list(exclude_modules)
 
-    def check(self, module: RLVRModule) -> None:
-        world_size = module.trainer.world_size if module._trainer is not None else 1
+    def check(self, layout: RunLayout) -> None:
+        world_size = layout.world_size
         if world_size > 1:
             raise ValueError(
                 f"model.setup {type(self).__name__} runs on one device, but the trainer has {world_size} processes; "
@@ -308,19 +322,18 @@ class FSDP(Setup):
         self.reshard_after_forward = reshard_after_forward
         self.save_distributed_checkpoint = save_distributed_checkpoint
 
-    def check(self, module: RLVRModule) -> None:
-        trainer = module.trainer
-        if not isinstance(trainer.strategy, ShardedDataParallel):
+    def check(self, layout: RunLayout) -> None:
+        if not isinstance(layout.strategy, ShardedDataParallel):
             raise ValueError(
-                f"model.setup FSDP needs the strategy it names, but the trainer runs {type(trainer.strategy).__name__};"
+                f"model.setup FSDP needs the strategy it names, but the trainer runs {type(layout.strategy).__name__};"
                 " remove trainer.strategy from the recipe (or build the Trainer with setup.trainer_overrides())"
             )
-        if trainer.world_size == 1 and trainer.strategy.root_device.type == "cpu":
+        if layout.world_size == 1 and layout.device.type == "cpu":
             raise ValueError(
                 "model.setup FSDP on one CPU process shards nothing; use relax_pl.setups.SingleDevice, or run "
                 "several processes: --trainer.accelerator cpu --trainer.devices 2"
             )
-        if trainer.world_size > 1 and module.update.dynamic_sampling:
+        if layout.world_size > 1 and layout.dynamic_sampling:
             raise ValueError(
                 "model.update.dynamic_sampling with FSDP: ranks would keep different numbers of groups and run "
                 "different numbers of sharded forward passes (a deadlock); set model.update.dynamic_sampling: false"
@@ -332,9 +345,7 @@ class FSDP(Setup):
         if device_mesh is None:
             raise RuntimeError("FSDP.parallelize needs the device mesh of Lightning's ModelParallelStrategy")
         mesh = device_mesh["data_parallel"]
-        compute = self.compute_dtype
-        if compute == "auto":
-            compute = "bfloat16" if mesh.device_type == "cuda" else "float32"
+        compute = self.forward_dtype(torch.device(mesh.device_type))
         precision = MixedPrecisionPolicy(param_dtype=DTYPES[compute], reduce_dtype=torch.float32)
         for model in (policy, reference):
             if model is None:
@@ -342,6 +353,12 @@ class FSDP(Setup):
             for block in family_of(model).decoder_blocks(model):
                 fully_shard(block, mesh=mesh, mp_policy=precision, reshard_after_forward=self.reshard_after_forward)
             fully_shard(model, mesh=mesh, mp_policy=precision)
+
+    def forward_dtype(self, device: torch.device) -> str:
+        """``compute_dtype``, the dtype the gathered shards are cast to (``"auto"``: bfloat16 on GPUs, else float32)."""
+        if self.compute_dtype != "auto":
+            return self.compute_dtype
+        return "bfloat16" if device.type == "cuda" else "float32"
 
     @contextmanager
     def generation(self, policy: nn.Module) -> Iterator[None]:

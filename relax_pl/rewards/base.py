@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from typing import Callable
 
-# A direct call that ran out of time returns {"overall": 0.0, TIMED_OUT: 1.0}.
-TIMED_OUT = "timed_out"
+from relax_pl.rewards.direct import score_in_child
+from relax_pl.rewards.process import TIMED_OUT, ScoreFunction, in_scoring_process
 
-ScoreFunction = Callable[["VerifiableReward", str, dict], dict]
-
-# True in a process whose only job is scoring (a BoundedScorer worker, a direct call's child): the caller there
-# already bounds the time, so ``score`` runs as written, and a subclass's ``super().score(...)`` does too.
-_in_scoring_process = False
-
-
-def mark_scoring_process() -> None:
-    """Called first thing in a scoring process: ``score`` there runs unwrapped (see :func:`bounded`)."""
-    global _in_scoring_process
-    _in_scoring_process = True
-
-
-def in_scoring_process() -> bool:
-    return _in_scoring_process
+__all__ = ["TIMED_OUT", "VerifiableReward", "bounded"]
 
 
 def bounded(score: ScoreFunction) -> ScoreFunction:
@@ -32,10 +17,8 @@ def bounded(score: ScoreFunction) -> ScoreFunction:
 
     @functools.wraps(score)
     def bounded_score(self: VerifiableReward, completion: str, sample: dict) -> dict[str, float]:
-        if _in_scoring_process:
+        if in_scoring_process():
             return score(self, completion, sample)
-        from relax_pl.rewards.direct import score_in_child
-
         return score_in_child(self, score, completion, sample)
 
     bounded_score.unbounded = score  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from relax_pl.rewards.base import VerifiableReward, mark_scoring_process
+from relax_pl.rewards.process import Scorable, mark_scoring_process
 
 # Starting a worker imports the reward's module (math-verify: about half a second); on a loaded machine
 # that can take much longer, and it is not what timeout_s bounds.
@@ -66,7 +66,7 @@ class ScoredBatch:
     all_failed: dict[str, str] = field(default_factory=dict)
 
 
-def _checked_score(reward: VerifiableReward, completion: str, sample: dict) -> dict[str, float]:
+def _checked_score(reward: Scorable, completion: str, sample: dict) -> dict[str, float]:
     scores = reward.score(completion, sample)
     name = type(reward).__name__
     if not isinstance(scores, dict) or "overall" not in scores:
@@ -197,7 +197,7 @@ class BoundedScorer:
 
     def __init__(
         self,
-        reward: VerifiableReward,
+        reward: Scorable,
         timeout_s: float | None = None,
         workers: int | None = None,
         processes_per_node: int = 1,

@@ -19,12 +19,9 @@ import time
 import traceback
 import warnings
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from relax_pl.rewards.base import TIMED_OUT, mark_scoring_process
-
-if TYPE_CHECKING:
-    from relax_pl.rewards.base import ScoreFunction, VerifiableReward
+from relax_pl.rewards.process import TIMED_OUT, Scorable, ScoreFunction, mark_scoring_process
 
 # What a direct call may take beyond its timeout: killing and reaping the child (milliseconds for a small caller,
 # tens of milliseconds for one that holds a few GB). Checked in tests/test_rewards.py.
@@ -91,7 +88,7 @@ def can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-def score_in_child(reward: VerifiableReward, score: ScoreFunction, completion: str, sample: dict) -> dict[str, float]:
+def score_in_child(reward: Scorable, score: ScoreFunction, completion: str, sample: dict) -> dict[str, float]:
     """``score(reward, completion, sample)`` in a child process, given up after ``reward.timeout_s``.
 
     Returns what ``score`` returned, or ``{"overall": 0.0, "timed_out": 1.0}`` (with a
@@ -111,7 +108,7 @@ def score_in_child(reward: VerifiableReward, score: ScoreFunction, completion: s
         return {"overall": 0.0, TIMED_OUT: 1.0}
 
 
-def _score_in_worker(reward: VerifiableReward, completion: str, sample: dict) -> dict[str, float]:
+def _score_in_worker(reward: Scorable, completion: str, sample: dict) -> dict[str, float]:
     from relax_pl.rewards.bounded import BoundedScorer
 
     try:

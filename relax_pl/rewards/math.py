@@ -8,8 +8,9 @@ from typing import Literal
 
 from math_verify import parse, verify
 
-from relax_pl.rewards.base import VerifiableReward, in_scoring_process
+from relax_pl.rewards.base import VerifiableReward
 from relax_pl.rewards.direct import TimedOut, call_in_child, can_fork
+from relax_pl.rewards.process import in_scoring_process
 
 # A real final answer is short; longer boxed content is graded 0 without being handed to sympy.
 MAX_BOXED_CHARS = 1000

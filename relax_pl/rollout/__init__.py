@@ -11,14 +11,16 @@ hooks. One engine per file:
 policy's weights to an engine that keeps its own; ``sampling.py`` is :class:`HFGenerate`'s draw (the row's CDF
 inverted, in place of ``torch.multinomial``). A new engine is one file: any importable module, named in the
 recipe by its ``class_path`` (README, "Writing an engine"); an import line below only gives a built-in one the short
-``relax_pl.rollout.<Name>`` path. An engine reads how the ranks behave from the setup (``module.model_setup.lockstep``),
-not from the device mesh.
+``relax_pl.rollout.<Name>`` path. An engine sees the run only through its :class:`RolloutContext` (the policy, the
+tokenizer, the device, the ranks, the setup's ``lockstep``, ...), never the module: nothing here imports it.
 """
 
 from relax_pl.rollout.base import (
     RolloutBatch,
+    RolloutContext,
     RolloutEngine,
     SamplingConfig,
+    WeightSyncError,
     check_prompt_lengths,
     response_mask_from_tokens,
     stop_token_ids,
@@ -32,9 +34,11 @@ __all__ = [
     "HFContinuousBatching",
     "HFGenerate",
     "RolloutBatch",
+    "RolloutContext",
     "RolloutEngine",
     "SamplingConfig",
     "VLLM",
+    "WeightSyncError",
     "check_prompt_lengths",
     "generate",
     "generation_config",

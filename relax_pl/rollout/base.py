@@ -1,5 +1,6 @@
 """The rollout seam: what every engine receives (prompts, :class:`SamplingConfig`) and returns (:class:`RolloutBatch`),
-and the base class :class:`RolloutEngine` whose hooks the module calls.
+the handle :class:`RolloutContext` that is all an engine sees of the run, and the base class :class:`RolloutEngine`
+whose hooks the module calls.
 
 An engine turns rendered prompts into ``num_responses`` responses each. The module calls only the hooks below;
 how the responses are sampled (the policy's own ``generate``, an inference engine beside it) is the engine's
@@ -9,18 +10,16 @@ the update, the rewards and the callbacks never see which engine sampled it.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from relax_pl.errors import RecipeError
 from relax_pl.families import ModelFamily
-from relax_pl.vision import gather_by_prompt, split_by_prompt
-
-if TYPE_CHECKING:
-    from relax_pl.module import RLVRModule
+from relax_pl.vision import VisionConfig, gather_by_prompt, split_by_prompt
 
 
 @dataclass
@@ -125,13 +124,48 @@ class RolloutBatch:
         return extra
 
 
+class WeightSyncError(RuntimeError):
+    """An engine with weights of its own samples from weights other than the policy's (a sync that did not take
+    effect): training on its samples would silently be off-policy."""
+
+
+@dataclass(frozen=True)
+class RolloutContext:
+    """All an engine sees of the run, handed to :meth:`RolloutEngine.check` (``policy`` still None) and then to
+    :meth:`RolloutEngine.setup`. The module builds it; an engine neither reads nor changes anything else.
+
+    ``policy`` is the live model the optimiser updates in place: an engine may run it (no grad) and read its
+    weights, never change them. ``max_prompt_tokens`` and ``max_new_tokens`` bound every request the run makes,
+    training and validation. ``step`` reads the number of optimiser steps taken so far.
+    """
+
+    tokenizer: Any
+    policy: nn.Module | None = None
+    processor: Any = None  # vision-language models only
+    family: ModelFamily | None = None
+    pretrained: str = ""  # what the policy was loaded from (engines that read its config or processor files)
+    trust_remote_code: bool = False
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    device: torch.device = torch.device("cpu")  # where the policy runs (it may be moved there after setup)
+    dtype: str = "float32"  # what the policy's forward computes in
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    lockstep: bool = False  # the setup's: every rank must run the same forwards (a sharded policy)
+    generation: Callable[[], AbstractContextManager] = nullcontext  # the setup's context for generating
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 256
+    step: Callable[[], int] = lambda: 0
+
+
 class RolloutEngine:
     """Base class of the rollout engines (recipe key ``model.rollout``, a ``class_path`` like ``model.setup``).
 
     The module calls, in order: :meth:`check` (the tokenizer and processor are loaded, no weights yet), :meth:`setup`
     (once the policy is built and sharded; Lightning may move it to its device only afterwards), then
-    :meth:`generate` for every training and validation batch, and :meth:`policy_updated` after every optimiser
-    step that changed the policy and when a checkpoint's weights are loaded into it. A new engine is one new
+    :meth:`generate` for every training and validation batch, :meth:`policy_updated` after every optimiser step that
+    changed the policy and when a checkpoint's weights are loaded into it, and :meth:`verify_rollout` at the end of
+    every training step. An engine receives a :class:`RolloutContext`, never the module. A new engine is one new
     subclass in its own file under ``relax_pl/rollout/``.
 
     ``importance_cap`` is read by the module when a rollout carries ``rollout_logp``: each token's policy loss is
@@ -140,23 +174,29 @@ class RolloutEngine:
     """
 
     importance_cap: float | None = None
+    context: RolloutContext | None = None
 
-    def check(self, module: RLVRModule) -> None:
-        """Raise on settings this engine cannot run, naming the recipe key to change."""
+    def check(self, context: RolloutContext) -> None:
+        """Raise on settings this engine cannot run, naming the recipe key to change (``context.policy`` is None)."""
 
-    def setup(self, module: RLVRModule) -> None:
-        """Start the engine (the policy exists)."""
+    def setup(self, context: RolloutContext) -> None:
+        """Start the engine (the policy exists); an override calls ``super().setup(context)`` first."""
+        self.context = context
 
     def generate(
-        self, module: RLVRModule, prompts: list[str], samples: list[dict[str, Any]], sampling: SamplingConfig,
-        greedy: bool = False,
+        self, prompts: list[str], samples: list[dict[str, Any]], sampling: SamplingConfig, greedy: bool = False
     ) -> RolloutBatch:
         """``sampling.num_responses`` responses for each rendered prompt (``samples`` are their dataset rows),
         sampled with the current policy weights, greedily when ``greedy``."""
         raise NotImplementedError
 
-    def policy_updated(self, module: RLVRModule) -> None:
+    def policy_updated(self) -> None:
         """The policy's weights changed: the next :meth:`generate` must sample from the new ones."""
+
+    def verify_rollout(self, logp_gap: float | None) -> dict[str, float]:
+        """Check the step's measured gap between the policy's and the engine's log-probs of the sampled tokens
+        (``rollout/logp_abs_diff``; None when the rollout carried none); return metrics of the engine's own."""
+        return {}
 
 
 @dataclass

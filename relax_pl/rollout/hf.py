@@ -11,7 +11,7 @@ key/value cache for every response, both before decoding and in the training for
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -30,9 +30,6 @@ from relax_pl.families import family_of
 from relax_pl.rollout.sampling import sampling_processors
 from relax_pl.vision import gather_by_prompt, vision_token_ids
 
-if TYPE_CHECKING:
-    from relax_pl.module import RLVRModule
-
 
 class HFGenerate(RolloutEngine):
     """Sample with the policy's own ``generate`` (recipe: ``model.rollout: {class_path: relax_pl.rollout.HFGenerate}``,
@@ -49,14 +46,13 @@ class HFGenerate(RolloutEngine):
         self.cache = cache
 
     def generate(
-        self, module: RLVRModule, prompts: list[str], samples: list[dict[str, Any]], sampling: SamplingConfig,
-        greedy: bool = False,
+        self, prompts: list[str], samples: list[dict[str, Any]], sampling: SamplingConfig, greedy: bool = False
     ) -> RolloutBatch:
-        synced = module.model_setup.lockstep  # sharded ranks run the same decoding steps
-        with module.model_setup.generation(module.policy):
-            return generate(
-                module.policy, module.tokenizer, prompts, samples, sampling, greedy=greedy, synced=synced,
-                processor=module.processor, cache=self.cache,
+        run = self.context
+        with run.generation():
+            return generate(  # sharded ranks run the same decoding steps (synced)
+                run.policy, run.tokenizer, prompts, samples, sampling, greedy=greedy, synced=run.lockstep,
+                processor=run.processor, cache=self.cache,
             )
 
 

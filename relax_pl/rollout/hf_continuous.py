@@ -10,12 +10,13 @@ on its own, while FSDP ranks must run theirs in lockstep.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from relax_pl.rollout.base import (
     RolloutBatch,
+    RolloutContext,
     RolloutEngine,
     SamplingConfig,
     build_rollout,
@@ -24,9 +25,6 @@ from relax_pl.rollout.base import (
     stop_token_ids,
 )
 from relax_pl.rollout.hf import generation_config
-
-if TYPE_CHECKING:
-    from relax_pl.module import RLVRModule
 
 PAGE_SIZE = 256  # tokens per key/value cache block (ContinuousBatchingConfig's default page_size)
 
@@ -47,13 +45,13 @@ class HFContinuousBatching(RolloutEngine):
         self.max_batch_tokens = max_batch_tokens
         self.num_blocks = num_blocks
 
-    def check(self, module: RLVRModule) -> None:
-        if module.processor is not None:
+    def check(self, context: RolloutContext) -> None:
+        if context.processor is not None:
             raise ValueError(
-                f"model.rollout HFContinuousBatching takes no images, and model.pretrained={module.pretrained!r} is a "
+                f"model.rollout HFContinuousBatching takes no images, and model.pretrained={context.pretrained!r} is a "
                 "vision-language model; use relax_pl.rollout.HFGenerate or relax_pl.rollout.VLLM"
             )
-        if module.model_setup.lockstep:
+        if context.lockstep:
             raise ValueError(
                 "model.rollout HFContinuousBatching schedules each process's forwards on its own, but sharded ranks "
                 "must run theirs in lockstep; use relax_pl.rollout.HFGenerate or relax_pl.rollout.VLLM with FSDP"
@@ -61,13 +59,13 @@ class HFContinuousBatching(RolloutEngine):
 
     @torch.no_grad()
     def generate(
-        self, module: RLVRModule, prompts: list[str], samples: list[dict[str, Any]], sampling: SamplingConfig,
-        greedy: bool = False,
+        self, prompts: list[str], samples: list[dict[str, Any]], sampling: SamplingConfig, greedy: bool = False
     ) -> RolloutBatch:
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        policy, tokenizer = module.policy, module.tokenizer
-        encoded = encode_prompts(tokenizer, None, prompts, samples, sampling.max_prompt_tokens, module.device)
+        policy, tokenizer = self.context.policy, self.context.tokenizer
+        device = next(policy.parameters()).device
+        encoded = encode_prompts(tokenizer, None, prompts, samples, sampling.max_prompt_tokens, device)
         inputs = [ids[mask.bool()].tolist() for ids, mask in zip(encoded.input_ids, encoded.attention_mask)]
         config = generation_config(sampling, stop_token_ids(policy, tokenizer), tokenizer.pad_token_id, greedy=greedy)
         group = sampling.num_responses
@@ -75,10 +73,10 @@ class HFContinuousBatching(RolloutEngine):
         # generate_batch seeds the global generator it samples from; the seed is drawn from it (so checkpoints keep
         # it, and a resumed run draws the same responses) and the generator is restored around the call
         seed = int(torch.randint(0, 2**31, ()))
-        batching = ContinuousBatchingConfig(seed=seed, **self.cache_size(module, inputs, sampling, group))
+        batching = ContinuousBatchingConfig(seed=seed, **self.cache_size(device, inputs, sampling, group))
         was_training = policy.training
         policy.eval()
-        devices = [module.device] if module.device.type == "cuda" else []
+        devices = [device] if device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
                 outputs = policy.generate_batch(
@@ -100,10 +98,10 @@ class HFContinuousBatching(RolloutEngine):
         )
 
     def cache_size(
-        self, module: RLVRModule, inputs: list[list[int]], sampling: SamplingConfig, group: int
+        self, device: torch.device, inputs: list[list[int]], sampling: SamplingConfig, group: int
     ) -> dict[str, int | None]:
         max_batch_tokens, num_blocks = self.max_batch_tokens, self.num_blocks
-        if module.device.type == "cpu":
+        if device.type == "cpu":
             longest = max(len(ids) for ids in inputs) + sampling.max_new_tokens
             num_blocks = num_blocks or len(inputs) * group * math.ceil(longest / PAGE_SIZE)
             max_batch_tokens = max_batch_tokens or max(sum(len(ids) for ids in inputs), len(inputs) * group)
