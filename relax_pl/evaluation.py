@@ -131,8 +131,11 @@ def paired(first: dict[str, Any], other: dict[str, Any], draws: int = 2000, seed
 # ------------------------------------------------------------------------------------------------ sampling
 def score_prompts(module: Any, batch: list[dict[str, Any]], num_samples: int) -> list[PromptResult]:
     """Sample ``num_samples`` answers at the recipe's sampling settings and one greedy answer for each prompt of
-    ``batch`` with ``module`` (an :class:`~relax_pl.module.RLVRModule`), scored by :func:`answer_scores`."""
+    ``batch`` with ``module`` (an :class:`~relax_pl.module.RLVRModule`), scored by their accuracy, or by the overall
+    reward for a reward that reports none (``evaluation.json`` says which: ``settings.scored_by``)."""
     from dataclasses import replace
+
+    from relax_pl.metrics import correctness_or_overall
 
     sampling = replace(module.sampling, num_responses=num_samples,
                        max_new_tokens=module.validation.max_new_tokens or module.sampling.max_new_tokens)
