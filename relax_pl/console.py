@@ -120,8 +120,8 @@ class StepProgressBar(TQDMProgressBar):
         metrics.pop("v_num", None)  # the logger's version is in the "logs:" line
         return metrics
 
-    # seconds per step (tqdm's own choice between it/s and s/it, which Lightning's format turns off)
-    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    # always seconds per step: tqdm's rate_fmt switches to steps per second when a step takes under a second
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]"
 
     def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
         self.train_progress_bar = Tqdm(
