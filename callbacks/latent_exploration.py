@@ -9,8 +9,8 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-from torch import Tensor
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from typing_extensions import override
 
 from relax_pl.callbacks.koopman_fit import KoopmanFit, find_koopman_fit
@@ -149,7 +149,7 @@ class AlphaController:
         self.sensitivity = measured if self.sensitivity is None else (
             (1 - self.rate) * self.sensitivity + self.rate * measured)
         low, high = self.bounds
-        return min(max(alpha * self.target / (alpha * self.sensitivity), low), high)
+        return min(max(self.target / self.sensitivity, low), high)  # alpha * target / (predicted share alpha S)
 
 
 class LatentExploration(RLVRCallback):
