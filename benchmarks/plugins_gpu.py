@@ -25,7 +25,7 @@ import yaml
 
 from relax_pl.cli import main
 from relax_pl.rewards import VerifiableReward
-from relax_pl.rollout import VLLM, WeightSyncError
+from relax_pl.rollout import WeightSyncError
 from relax_pl.testing import save_tiny_model
 
 # Qwen2.5-0.5B's layers over the test tokenizer's 512-token vocabulary (a functional check, not a speed benchmark)
@@ -39,18 +39,6 @@ class LengthParity(VerifiableReward):
         return {"overall": float(len(completion) % 2)}
 
 
-class StaleVLLM(VLLM):
-    """VLLM whose syncs after the first do nothing."""
-
-    def load_weights(self) -> None:
-        if not getattr(self, "weights_loaded", False):
-            super().load_weights()
-        self.weights_loaded = True
-
-    def load_adapter(self) -> None:
-        if not getattr(self, "adapter_loaded", False):
-            super().load_adapter()
-        self.adapter_loaded = True
 
 
 class StepRecorder(L.Callback):
@@ -130,7 +118,7 @@ def main_cli() -> None:
     runs = [(loss, None, loss, None) for loss in LOSSES] + [("LoRA", lora, "PPOClip", None)]
     if has_vllm:
         runs += [("VLLM", None, "PPOClip", vllm), ("VLLM+LoRA", lora, "PPOClip", vllm),
-                 ("VLLM stale", None, "PPOClip", {"class_path": "__main__.StaleVLLM"})]
+                 ("VLLM stale", None, "PPOClip", {"class_path": "relax_pl.testing.StaleVLLM"})]
     else:
         print("vLLM is not installed here: no VLLM rows (the weight-sync check needs the engine)")
     with tempfile.TemporaryDirectory() as workdir:

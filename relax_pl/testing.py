@@ -32,6 +32,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from relax_pl.models import build_tiny_model
+from relax_pl.rollout import VLLM
 
 PAD_EOS_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -212,3 +213,19 @@ if __name__ == "__main__":
         print(save_tiny_model(args.folder, kind=args.kind, seed=args.seed))
     else:
         print(save_tiny_vl_model(args.folder, kind=args.kind, seed=args.seed))
+
+
+class StaleVLLM(VLLM):
+    """VLLM whose weight and adapter syncs after the first do nothing: the engine keeps sampling from the weights
+    it received before the first rollout (the failure of TRL's issue 5312 and verl's 7495). Its sync check must stop
+    the run (tests/test_vllm.py, benchmarks/plugins_gpu.py)."""
+
+    def load_weights(self) -> None:
+        if not getattr(self, "weights_loaded", False):
+            super().load_weights()
+        self.weights_loaded = True
+
+    def load_adapter(self) -> None:
+        if not getattr(self, "adapter_loaded", False):
+            super().load_adapter()
+        self.adapter_loaded = True

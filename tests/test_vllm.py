@@ -213,19 +213,6 @@ def test_qlora_recipe_with_vllm_runs(tmp_path, tiny_llama):
     assert len(gaps) == 3 and max(gaps) < LOGP_TOLERANCE, gaps
 
 
-class StaleVLLM(VLLM):
-    """VLLM whose weight and adapter syncs after the first do nothing: the engine keeps sampling from the weights
-    it received before the first rollout (the failure of TRL's issue 5312 and verl's 7495)."""
-
-    def load_weights(self) -> None:
-        if not getattr(self, "weights_loaded", False):
-            super().load_weights()
-        self.weights_loaded = True
-
-    def load_adapter(self) -> None:
-        if not getattr(self, "adapter_loaded", False):
-            super().load_adapter()
-        self.adapter_loaded = True
 
 
 LORA = {"class_path": "relax_pl.setups.LoRA", "init_args": {"rank": 8, "dropout": 0.0}}
@@ -235,7 +222,7 @@ LORA = {"class_path": "relax_pl.setups.LoRA", "init_args": {"rank": 8, "dropout"
 def test_a_sync_that_does_nothing_is_caught_on_the_next_step(tmp_path, tiny_llama, setup):
     """The first optimiser step's sync is skipped: the second rollout's sync check stops the run, naming the engine,
     the step and the gap."""
-    model = {"rollout": {"class_path": "test_vllm.StaleVLLM"}}
+    model = {"rollout": {"class_path": "relax_pl.testing.StaleVLLM"}}
     recipe = vllm_recipe(tmp_path, tiny_llama, max_steps=3, **model, **({"setup": setup} if setup else {}))
     expected = r"StaleVLLM does not serve .* after optimiser step 1: .* sync probe is "
     with pytest.raises(WeightSyncError, match=expected) as caught:
