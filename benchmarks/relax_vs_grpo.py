@@ -62,6 +62,20 @@ STEP_KEYS = {
     "timing_s/gen": "gen_s",
     "timing_s/ref": "ref_s",
     "timing_s/update": "update_s",
+    # SpectrumMonitor's probes (every arm): the latent side-by-side of RepExp / effective rank / ReLaX
+    "probes/effective_rank/all": "probe_erank",
+    "probes/effective_rank/correct": "probe_erank_correct",
+    "probes/effective_rank/incorrect": "probe_erank_incorrect",
+    "probes/repexp_novelty/all": "probe_novelty",
+    "probes/repexp_novelty/correct": "probe_novelty_correct",
+    "probes/repexp_novelty/incorrect": "probe_novelty_incorrect",
+    "probes/dsd_eig/all": "probe_dsd_eig",
+    "probes/correct_frac": "probe_correct_frac",
+    # the alternatives' own terms (their arms only)
+    "repexp/bonus_mean": "repexp_bonus",
+    "repexp/advantage_change": "repexp_adv_change",
+    "er/bonus_mean": "er_bonus",
+    "er/advantage_change": "er_adv_change",
 }
 LAST = 15  # the window of the paired reward difference
 
