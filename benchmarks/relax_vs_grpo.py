@@ -391,6 +391,17 @@ def report(records: Path) -> str:
             lines.append(f"| {arm} | {','.join(map(str, seeds))} | {paired['mean']:+.3f} [{low:+.3f}, {high:+.3f}] | "
                          + ", ".join(f"{d:+.3f}" for d in paired["per_seed"].values())
                          + f" | {held_text[0]} | {held_text[1]} | {ratio:.2f}x | {entropy:.2f}x |")
+    probe_keys = ["probe_erank", "probe_erank_correct", "probe_erank_incorrect", "probe_novelty",
+                  "probe_novelty_correct", "probe_novelty_incorrect", "probe_dsd_eig"]
+    if any(s.get("probe_erank") is not None for seeds in runs.values() for steps in seeds.values() for s in steps):
+        lines += ["", f"Latent probes (SpectrumMonitor, every arm; correct / incorrect answers), means over the last "
+                  f"{LAST} steps and over seeds: effective rank of the hidden states, RepExp novelty within the group, "
+                  "DSD (eig spectrum)", "",
+                  "| arm | seeds | " + " | ".join(probe_keys) + " |", "|" + "---|" * (len(probe_keys) + 2)]
+        for arm in order:
+            seeds = sorted(runs[arm])
+            lines.append(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(
+                f"{mean([last_mean(runs[arm][s], k) for s in seeds]):.3g}" for k in probe_keys) + " |")
     gates = {name: gate_rates(steps) for arm in order for seed, steps in sorted(runs[arm].items())
              if (name := run_name(arm, seed)) and gate_rates(steps)}
     if gates:
@@ -411,12 +422,14 @@ def plot(runs: dict[str, dict[int, list[dict]]], records: Path, path: Path) -> N
               ("reward", "training reward", False), ("length", "response length (tokens)", False),
               ("gated_frac", "gated fraction (DSD > xi, A > 0)", False),
               ("grad_share", "grad_share (|alpha L_xp| / |rest|)", True), ("alpha", "alpha", True),
-              ("valid_frac", "responses with a defined DSD", False)]
-    figure = Figure(figsize=(20, 7.5), dpi=100)
-    axes = figure.subplots(2, 5)
+              ("valid_frac", "responses with a defined DSD", False),
+              ("probe_erank", "probe: effective rank of hidden states", False),
+              ("probe_novelty", "probe: RepExp novelty within the group", False)]
+    figure = Figure(figsize=(20, 11), dpi=100)
+    axes = figure.subplots(3, 4)
     colors = dict(zip(ARMS, ["tab:blue", "tab:red", "tab:orange", "tab:brown", "tab:cyan", "tab:olive", "tab:green",
                              "tab:purple"]))
-    for ax, (key, title, log) in zip([*axes[:, :4].flat], panels):
+    for ax, (key, title, log) in zip(axes.flat, panels):
         for arm, seeds in runs.items():
             length = max(len(steps) for steps in seeds.values())
             xs, mid, low, high = [], [], [], []
@@ -438,7 +451,7 @@ def plot(runs: dict[str, dict[int, list[dict]]], records: Path, path: Path) -> N
             ax.set_yscale("log")
         if ax.lines:
             ax.legend(fontsize=7)
-    for ax, metric in zip(axes[:, 4], ("mean@1", "mean@k")):
+    for ax, metric in zip(axes[2, 2:], ("mean@1", "mean@k")):
         names, values, errors = [], [], []
         for arm, seeds in runs.items():
             per_seed = [e["figures"][metric]["value"] for s in seeds
