@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import Logger
 
 STEP_KEYS = {
     "critic/score/mean": "reward",
@@ -134,13 +135,41 @@ RUN_ORDER = [("GRPO", 1), ("ReLaX-target", 1), ("GRPO", 2), ("ReLaX-target", 2),
              ("RepExp", 1), ("EffectiveRank", 1), ("RepExp", 2), ("EffectiveRank", 2)]
 
 
+class LatestMetrics(Logger):
+    """A logger that keeps the latest value of each metric written straight to the loggers (SpectrumMonitor's probes,
+    RepExp's and effective-rank shaping's terms), which never reach ``trainer.callback_metrics``."""
+
+    def __init__(self, save_dir: Path) -> None:
+        super().__init__()
+        self.latest: dict[str, float] = {}
+        self._save_dir = str(save_dir)
+
+    @property
+    def save_dir(self) -> str:  # where Lightning's config.yaml of the run goes
+        return self._save_dir
+
+    @property
+    def name(self) -> str:
+        return "latest"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.latest.update({k: float(v) for k, v in metrics.items()})
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
 class StepLog(L.Callback):
     """Appends each step's metrics (and each validation's) to a JSON-lines file as soon as they exist, with the
     step's valid DSDs and their advantages (to compare over-dispersion bounds offline). Runs before ModelCheckpoint
     (Lightning puts checkpoint callbacks last), so a checkpoint never holds a step without a record."""
 
-    def __init__(self, path: Path, explore=None) -> None:
-        self.path, self.explore = path, explore
+    def __init__(self, path: Path, explore=None, logged: LatestMetrics | None = None) -> None:
+        self.path, self.explore, self.logged = path, explore, logged
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -148,6 +177,9 @@ class StepLog(L.Callback):
 
     def on_train_batch_end(self, trainer, *args) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if self.logged is not None:
+            metrics.update(self.logged.latest)
+            self.logged.latest = {}  # a callback that skips a step leaves no stale value in the next record
         record = {short: metrics[key] for key, short in STEP_KEYS.items() if key in metrics}
         if self.explore is not None:
             dsd, advantages = self.explore.step_dispersions()
@@ -209,7 +241,9 @@ def train(args: argparse.Namespace, arm_name: str, seed: int) -> None:
         callbacks.append(getattr(importlib.import_module(module_name), class_name)(**extra["init_args"]))
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", every_n_train_steps=args.checkpoint_every,
                                  save_last=True, save_top_k=0)
-    cli.trainer.callbacks = [*callbacks, StepLog(records, explore), checkpoint]
+    logged = LatestMetrics(folder)
+    cli.trainer.loggers = [logged]
+    cli.trainer.callbacks = [*callbacks, StepLog(records, explore, logged), checkpoint]
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path="last" if last.exists() else None)
     StepLog(records).write({"done": True, "seconds": time.perf_counter() - start, "resumed_from": resume_step})
