@@ -13,7 +13,7 @@ not ReLaX run it with ``alpha = 0`` and ``kl_coef = 0``, where it adds nothing t
 
 A run is two phases, each its own process:
 
-1. *train*: ``fit`` with a ``last.ckpt`` every ``--checkpoint_every`` steps under ``--checkpoints``; each step
+1. *train*: ``fit`` with a ``last.ckpt`` every ``--checkpoint_every`` rollouts under ``--checkpoints``; each step
    appends one line to ``<records>/<arm>-seed<k>.jsonl`` (each validation one more). A run cut short resumes from its
    ``last.ckpt`` (``--ckpt_path last``) and first drops the records after that checkpoint, which the resumed run
    writes again; a run whose records end with ``done`` is not trained again.
@@ -239,8 +239,12 @@ def train(args: argparse.Namespace, arm_name: str, seed: int) -> None:
     for extra in arm.callbacks:
         module_name, class_name = extra["class_path"].rsplit(".", 1)
         callbacks.append(getattr(importlib.import_module(module_name), class_name)(**extra["init_args"]))
-    checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", every_n_train_steps=args.checkpoint_every,
-                                 save_last=True, save_top_k=0)
+    # ModelCheckpoint counts optimiser steps; --checkpoint_every counts rollouts (the records' steps), which take
+    # several optimiser steps each under the paper's schedule (recipes/relax_small_paper_schedule.yaml)
+    update, responses = cli.model.update, cli.datamodule.batch_size * cli.model.sampling.num_responses
+    per_rollout = update.ppo_epochs * -(-responses // (update.mini_batch_size or responses))
+    checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, save_top_k=0,
+                                 every_n_train_steps=args.checkpoint_every * per_rollout)
     logged = LatestMetrics(folder)
     cli.trainer.loggers = [logged]
     cli.trainer.callbacks = [*callbacks, StepLog(records, explore, logged), checkpoint]
@@ -514,8 +518,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/relax_small.yaml")
     parser.add_argument("--runs", nargs="+", type=parse_run, default=RUN_ORDER, help="ARM:SEED ... (default: all)")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--checkpoint_every", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=40, help="optimiser steps per run (trainer.max_steps)")
+    parser.add_argument("--checkpoint_every", type=int, default=5, help="rollouts between checkpoints")
     parser.add_argument("--eval_prompts", type=int, default=128)
     parser.add_argument("--eval_samples", type=int, default=8)
     parser.add_argument("--records", default="docs/relax_vs_grpo", help="per-step records, evaluations, figure")

@@ -38,7 +38,8 @@ def write_run(recipe: dict, folder: Path, rollouts: int) -> Path:
     """``recipe`` for ``rollouts`` rollouts, logging every rollout to ``folder``, without checkpoints or validation."""
     run = yaml.safe_load(yaml.safe_dump(recipe))
     trainer = run.setdefault("trainer", {})
-    trainer["callbacks"] = [cb for cb in trainer.get("callbacks", []) if not cb["class_path"].endswith("ModelCheckpoint")]
+    callbacks = trainer.get("callbacks", [])
+    trainer["callbacks"] = [cb for cb in callbacks if not cb["class_path"].endswith("ModelCheckpoint")]
     trainer.update(
         max_steps=rollouts * optimiser_steps_per_rollout(run), limit_val_batches=0, num_sanity_val_steps=0,
         log_every_n_steps=1, default_root_dir=str(folder), enable_checkpointing=False,
