@@ -22,7 +22,7 @@ from relax_pl.module import RLVRModule
 from probes import OptimizerStepSpy, assert_same_weights, moved_weights, policy_weights, tensorboard_logs, tiny_recipe
 
 
-def write_recipe(folder: Path, model: Path, max_steps: int = 2, every_n: int = 1) -> Path:
+def write_recipe(folder: Path, model: Path, max_steps: int = 2, every_n: int = 1, num_samples: int = 12) -> Path:
     """Two PPO epochs of two mini-batches a step (four optimiser steps), a KL term, greedy validation every 2;
     rewards that vary within groups (length parity as accuracy), so every step trains."""
     return tiny_recipe(
@@ -41,6 +41,7 @@ def write_recipe(folder: Path, model: Path, max_steps: int = 2, every_n: int = 1
             "val_source": "builtin:arithmetic",
             "system_prompt": "Put the answer in \\boxed{}.",
             "val_batch_size": 2,
+            "task_options": {"digits": 1, "operations": "+", "num_samples": num_samples},
         },
     )
 
@@ -66,14 +67,17 @@ def test_two_step_fit_logs_checkpoints_and_validates(tmp_path, tiny_model):
     assert any(b"samples" in p.read_bytes() for p in texts)
 
 
-def test_resume_is_exact(tmp_path, tiny_model):
+@pytest.mark.parametrize("num_samples", [12, 4], ids=["mid_epoch", "at_an_epoch_end"])
+def test_resume_is_exact(tmp_path, tiny_model, num_samples):
     """Two steps then a resume to four gives the same weights as four steps in one go. The steps train (rewards
     vary within groups), so a resume that restored only the step count, or not the optimizer, the data position
-    or the sampling RNG, would end on other weights."""
+    or the sampling RNG, would end on other weights. With 4 prompts (2 steps an epoch) the resume starts a new
+    epoch, whose data iterator the uninterrupted run made between steps 2 and 3."""
     straight = tmp_path / "straight"
-    main(["fit", "--config", str(write_recipe(straight, tiny_model, max_steps=4 * 4)), "--trainer.limit_val_batches", "0"])
+    recipe = write_recipe(straight, tiny_model, max_steps=4 * 4, num_samples=num_samples)
+    main(["fit", "--config", str(recipe), "--trainer.limit_val_batches", "0"])
     split = tmp_path / "split"
-    recipe = write_recipe(split, tiny_model, max_steps=2 * 4)
+    recipe = write_recipe(split, tiny_model, max_steps=2 * 4, num_samples=num_samples)
     main(["fit", "--config", str(recipe), "--trainer.limit_val_batches", "0"])
     halfway = policy_weights(split / "checkpoints" / "last.ckpt")
     main(["fit", "--config", str(recipe), "--trainer.max_steps", "16", "--trainer.limit_val_batches", "0", "--ckpt_path", "last"])

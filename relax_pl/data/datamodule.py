@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -257,6 +258,14 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[batch * self.batch_size : self.batches_per_epoch * self.batch_size])
 
 
+def iterator_seeds(seed: int) -> torch.Generator:
+    """The generator a DataLoader draws each iterator's base seed from. Without one it draws from torch's global
+    generator, which sampling draws from too: a run that starts a new epoch's iterator between two steps would sample
+    step 2 with other numbers than a run resumed from the checkpoint written after step 1 (its generators are
+    restored after the iterator is made, so its draw is undone)."""
+    return torch.Generator().manual_seed(seed)
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a :class:`ResumableSampler`, which declares itself resumable as Lightning asks of a loader it
     resumes mid-epoch: its position is Lightning's own batch counter, restored with the checkpoint before the first
@@ -452,6 +461,7 @@ class PromptDataModule(L.LightningDataModule):
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=list,  # a batch is the list of its samples: prompts are not tensors
+            generator=iterator_seeds(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -460,7 +470,8 @@ class PromptDataModule(L.LightningDataModule):
         if self.val_data is None:
             self.setup("validate")
         return DataLoader(
-            self.val_data, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=list
+            self.val_data, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=list,
+            generator=iterator_seeds(self.seed),
         )
 
     def _trained_batches(self) -> int:
