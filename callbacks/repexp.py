@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -53,6 +55,46 @@ def group_leverage(features: Tensor, group_index: Tensor, lam: float) -> Tensor:
     return bonus
 
 
+@dataclass
+class PromptCovariance:
+    """One prompt's running sums over every projected feature seen for it: ``S = sum phi phi^T``, ``sum phi``, n."""
+
+    scatter: Tensor
+    total: Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, width: int) -> PromptCovariance:
+        return cls(torch.zeros(width, width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
+
+
+def accumulated_leverage(features: Tensor, state: PromptCovariance, lam: float) -> Tensor:
+    """The elliptical bonus of one prompt group against every response seen for that prompt so far (the authors'
+    ``persist_covariance=True``): fold the group into the prompt's running sums, then
+
+    ``b_i = (phi_i - mu)^T (lam I + sum_j phi_j phi_j^T - n mu mu^T)^{-1} (phi_i - mu)``,
+
+    ``j`` over the ``n`` responses seen for the prompt (this group's included) and ``mu`` their running mean. The
+    code folds the uncentred ``phi`` into ``(lam I + S)^{-1}`` by Sherman-Morrison and removes ``n mu mu^T`` with one
+    more; a solve of the same matrix gives the same bonus. On a fresh state this is :func:`group_leverage`.
+    Updates ``state`` in place."""
+    state.scatter += features.T @ features
+    state.total += features.sum(0)
+    state.count += features.shape[0]
+    mu = state.total / state.count
+    eye = torch.eye(features.shape[-1], dtype=features.dtype, device=features.device)
+    covariance = lam * eye + state.scatter - state.count * torch.outer(mu, mu)
+    centred = features - mu
+    return (centred * torch.linalg.solve(covariance, centred.T).T).sum(-1)
+
+
+def prompt_key(rollout: RolloutBatch, row: int) -> str:
+    """The identity of a response's prompt across steps: a hash of its prompt tokens (two rows with the same text
+    and different images share one)."""
+    tokens = rollout.input_ids[row, : rollout.prompt_length][rollout.attention_mask[row, : rollout.prompt_length] > 0]
+    return hashlib.sha1(tokens.cpu().numpy().astype("int64").tobytes()).hexdigest()
+
+
 class RepExp(RLVRCallback):
     """Adds RepExp's elliptical novelty bonus to each response's reward before the GRPO advantage (arXiv 2510.11686;
     the authors' code is the ``rep_exp`` recipe of verl).
@@ -69,9 +111,13 @@ class RepExp(RLVRCallback):
     4. reward: ``r'_i = r_i + beta * b_i``, and the advantages are the GRPO ones of ``r'``
        (``model.objective.scale_advantages`` or the loss's own, as for the plain reward).
 
-    The covariance lives one step and one group, as in the paper's runs (``persist_covariance=False``): there is no
-    covariance to carry across steps, so the callback has no training state. The projection of the step that starts
-    at optimiser step ``t`` is drawn from ``seed + t``, so a resumed run draws the same one.
+    The covariance lives one step and one group, as in the paper's runs (``persist_covariance=False``). With
+    ``persist_covariance=True`` (the code's other setting) each prompt keeps the running sums of every response
+    sampled for it in earlier steps, so a response is novel against all of the prompt's past answers
+    (:func:`accumulated_leverage`); the sums are the callback's state (``state_dict``: saved in checkpoints, a
+    resumed run continues them), and the projection must stay fixed (``redraw_projection=False``), since sums in
+    different random bases do not add up. The projection of the step that starts at optimiser step ``t`` is drawn
+    from ``seed + t``, so a resumed run draws the same one.
 
     Defaults are the paper's (its script ``train_elliptical.sh`` for MATH and GSM8K): ``beta=0.01``, ``lam=0.01``,
     ``sparse_dim=32`` (128 for DAPO+AIME), projection redrawn every step, bonus off for groups with no correct
@@ -102,6 +148,8 @@ class RepExp(RLVRCallback):
         gate_none_correct: no bonus for the groups with no correct response (paper: on).
         representation: "reference" (the pre-trained model, paper) or "policy" (the current policy).
         seed: seeds the projection.
+        persist_covariance: keep each prompt's covariance across steps (code's option; paper's runs: off). Needs
+            ``redraw_projection=False``, ``sparse_dim > 0`` and one device (the sums live in this process).
 
     Raises:
         ValueError: on a bad argument.
@@ -116,14 +164,53 @@ class RepExp(RLVRCallback):
         gate_none_correct: bool = True,
         representation: Literal["reference", "policy"] = "reference",
         seed: int = 0,
+        persist_covariance: bool = False,
     ) -> None:
         if beta < 0 or lam <= 0 or sparse_dim < 0:
             raise ValueError(f"RepExp needs beta >= 0, lam > 0 and sparse_dim >= 0; got {beta=}, {lam=}, {sparse_dim=}")
         if representation not in ("reference", "policy"):
             raise ValueError(f"RepExp: representation must be 'reference' or 'policy', got {representation!r}")
+        if persist_covariance and (redraw_projection or not sparse_dim):
+            raise ValueError(
+                "RepExp(persist_covariance=True) adds up features across steps, so they must share one projection: "
+                f"set redraw_projection: false and sparse_dim > 0 (got {redraw_projection=}, {sparse_dim=})"
+            )
         self.beta, self.lam, self.sparse_dim, self.redraw_projection = beta, lam, sparse_dim, redraw_projection
         self.gate_none_correct, self.representation, self.seed = gate_none_correct, representation, seed
+        self.persist_covariance = persist_covariance
+        self.covariances: dict[str, PromptCovariance] = {}  # prompt key -> running sums (persist_covariance)
         self._pooled: Tensor | None = None  # (N, d) of this step's rollout, from the shared forward
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.persist_covariance and trainer.world_size > 1:
+            raise ValueError(
+                f"RepExp(persist_covariance=True) keeps each prompt's covariance in one process; this run has "
+                f"{trainer.world_size} devices, each seeing other prompts. Use one device or persist_covariance: false"
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if not self.persist_covariance:
+            return {}
+        keys = sorted(self.covariances)
+        if not keys:
+            return {"keys": []}
+        return {
+            "keys": keys,
+            "scatter": torch.stack([self.covariances[k].scatter for k in keys]),
+            "total": torch.stack([self.covariances[k].total for k in keys]),
+            "count": torch.tensor([self.covariances[k].count for k in keys]),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        keys = state_dict.get("keys", [])
+        self.covariances = {
+            key: PromptCovariance(state_dict["scatter"][i].double(), state_dict["total"][i].double(),
+                                  int(state_dict["count"][i]))
+            for i, key in enumerate(keys)
+        }
 
     @property
     def needs_reference(self) -> bool:
@@ -191,4 +278,13 @@ class RepExp(RLVRCallback):
                 features.shape[-1], self.sparse_dim, torch.Generator().manual_seed(seed)
             )
             features = features @ projection.to(features.device)
-        return group_leverage(features, rollout.group_index, self.lam)
+        if not self.persist_covariance:
+            return group_leverage(features, rollout.group_index, self.lam)
+        bonus = torch.zeros(features.shape[0], dtype=features.dtype)
+        features = features.cpu()
+        for group in rollout.group_index.unique().tolist():
+            members = (rollout.group_index == group).nonzero().squeeze(-1).cpu()
+            key = prompt_key(rollout, int(members[0]))
+            state = self.covariances.setdefault(key, PromptCovariance.empty(features.shape[-1]))
+            bonus[members] = accumulated_leverage(features[members], state, self.lam)
+        return bonus.to(rollout.group_index.device)

@@ -12,7 +12,9 @@ import torch
 
 import relax_pl.forward
 from relax_pl.callbacks.effective_rank import effective_rank, rank_bonus, rank_dynamics, shaped_advantages
-from relax_pl.callbacks.repexp import group_leverage, mean_pooled, sparse_random_projection
+from relax_pl.callbacks.repexp import (
+    PromptCovariance, RepExp, accumulated_leverage, group_leverage, mean_pooled, sparse_random_projection,
+)
 from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.cli import main
 from relax_pl.extension import RLVRCallback
@@ -53,6 +55,43 @@ def test_repexp_bonus_matches_the_authors_sherman_morrison_fold():
     theirs = torch.cat([sherman_morrison_bonus(features[groups == g], LAM) for g in range(3)])
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     assert ours.std() > 0.01  # the responses get different bonuses
+
+
+def authors_persistent_fold(steps: list[torch.Tensor], lam: float) -> list[torch.Tensor]:
+    """The authors' ``persist_covariance=True`` for one prompt over several steps, in our words: update the running
+    mean, fold the uncentred vectors into the kept ``(lam I + S)^{-1}`` by Sherman-Morrison, remove ``n mu mu^T``
+    with one more, and read the bonus of the step's vectors centred by the running mean."""
+    inverse, mean, count, bonuses = torch.eye(steps[0].shape[1], dtype=torch.float64) / lam, None, 0, []
+    for features in steps:
+        n = features.shape[0]
+        mean = features.mean(0) if mean is None else (mean * count + features.mean(0) * n) / (count + n)
+        count += n
+        for x in features:
+            x = x[:, None]
+            inverse = inverse - inverse @ x @ x.T @ inverse / (1 + x.T @ inverse @ x)
+        mu = mean[:, None]
+        adjusted = inverse - inverse @ mu @ mu.T @ inverse / (-1 / count + mu.T @ inverse @ mu)
+        centred = features - mean
+        bonuses.append(torch.stack([c @ adjusted @ c for c in centred]))
+    return bonuses
+
+
+def test_persistent_covariance_matches_the_authors_fold():
+    generator = torch.Generator().manual_seed(1)
+    steps = [torch.randn(4, 6, generator=generator, dtype=torch.float64) * 0.3 + 0.5 for _ in range(3)]
+    state = PromptCovariance.empty(6)
+    ours = [accumulated_leverage(features, state, LAM) for features in steps]
+    for mine, theirs in zip(ours, authors_persistent_fold(steps, LAM)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-8, atol=1e-10)
+    assert state.count == 12
+    # a fresh state is the per-step bonus; a kept one is another (the past answers are in the covariance)
+    torch.testing.assert_close(ours[0], group_leverage(steps[0], torch.zeros(4, dtype=torch.long), LAM))
+    assert not torch.allclose(ours[2], group_leverage(steps[2], torch.zeros(4, dtype=torch.long), LAM))
+
+
+def test_persistent_covariance_needs_one_projection():
+    with pytest.raises(ValueError, match="redraw_projection: false"):
+        RepExp(persist_covariance=True)
 
 
 def test_mean_pooling_and_sparse_projection():
@@ -168,7 +207,9 @@ MONITOR = [
 ]
 
 
-def fit_recipe(folder: Path, model: Path, callbacks: list[dict], max_steps: int = 2, ppo_epochs: int = 1) -> Path:
+def fit_recipe(
+    folder: Path, model: Path, callbacks: list[dict], max_steps: int = 2, ppo_epochs: int = 1, data: dict | None = None
+) -> Path:
     """Tiny fits whose rewards differ within groups (accuracy = even length, format = has a digit), so advantages,
     correct / incorrect splits and every shaping term are non-zero."""
     return tiny_recipe(
@@ -180,7 +221,7 @@ def fit_recipe(folder: Path, model: Path, callbacks: list[dict], max_steps: int 
             "update": {"micro_batch_size": 4, "ppo_epochs": ppo_epochs},
             "optimizer": {"lr": 1e-3},
         },
-        data={"task_options": {"digits": 1, "operations": "+", "num_samples": 8}},
+        data=data or {"task_options": {"digits": 1, "operations": "+", "num_samples": 8}},
     )
 
 
@@ -283,6 +324,36 @@ def test_latent_probes_in_a_grpo_run(tmp_path, tiny_model):
     assert all(0 < v < 1 for v in scalars["probes/correct_frac"]) and "timing_s/probes" in scalars
     assert {"koopman/eigenvalues", "koopman/dsd_histogram"} <= images
     assert not any(name.startswith("relax/") for name in scalars)  # no loss term
+
+
+def test_repexp_persistent_covariance_is_kept_and_resumed(tmp_path, tiny_model):
+    """persist_covariance on two prompts seen at every step: each prompt's sums hold every response sampled for it,
+    they are saved in the checkpoint, and one step then a resume ends where two steps in one go do. Step 2's bonus
+    reads step 1's answers, so the run ends on other weights than the per-step covariance's."""
+    persistent = [{"class_path": "relax_pl.callbacks.RepExp", "init_args": {
+        "beta": 0.5, "representation": "policy", "persist_covariance": True, "redraw_projection": False}}]
+    per_step = [{"class_path": "relax_pl.callbacks.RepExp", "init_args": {
+        "beta": 0.5, "representation": "policy", "redraw_projection": False}}]
+    two_prompts = {"task_options": {"digits": 1, "operations": "+", "num_samples": 2}, "batch_size": 2}
+
+    def recipe(folder: Path, callbacks: list[dict], max_steps: int = 2) -> Path:
+        return fit_recipe(folder, tiny_model, callbacks, max_steps=max_steps, data=two_prompts)
+
+    main(["fit", "--config", str(recipe(tmp_path / "straight", persistent))])
+    main(["fit", "--config", str(recipe(tmp_path / "per_step", per_step))])
+    split = recipe(tmp_path / "split", persistent, max_steps=1)
+    main(["fit", "--config", str(split)])
+    halfway = load_checkpoint_file(tmp_path / "split" / "checkpoints" / "last.ckpt")["callbacks"]["RepExp"]
+    assert len(halfway["keys"]) == 2 and halfway["count"].tolist() == [4, 4]
+    main(["fit", "--config", str(split), "--trainer.max_steps", "2", "--ckpt_path", "last"])
+    a = load_checkpoint_file(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = load_checkpoint_file(tmp_path / "split" / "checkpoints" / "last.ckpt")
+    assert a["callbacks"]["RepExp"]["count"].tolist() == [8, 8]  # both steps' answers of each prompt
+    for key in ("scatter", "total", "count"):
+        assert torch.equal(a["callbacks"]["RepExp"][key], b["callbacks"]["RepExp"][key]), key
+    for name in a["state_dict"]:
+        assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
+    assert weight_change(a["state_dict"], final_weights(tmp_path / "per_step")) > 1e-7
 
 
 def test_resume_is_exact_with_every_latent_callback(tmp_path, tiny_model):
