@@ -36,9 +36,18 @@ class EvenRowsParityReward(VerifiableReward):
 
 class FlakyReward(VerifiableReward):
     """Misbehaves on about half of the responses, chosen by a hash of the text (so the same responses on a
-    rerun): raises, returns NaN, returns no "overall", or hangs past ``timeout_s``; length parity otherwise."""
+    rerun): raises, returns NaN, returns no "overall", or hangs past ``timeout_s``; length parity otherwise.
+    ``hang_first`` also hangs on the first response each process scores, so a run has a timeout whatever it
+    samples."""
+
+    def __init__(self, timeout_s: float = 1.0, hang_first: bool = False) -> None:
+        super().__init__(timeout_s=timeout_s)
+        self.hang_first = hang_first
 
     def score(self, completion: str, sample: dict) -> dict[str, float]:
+        if self.hang_first:
+            self.hang_first = False  # in the process that scores: each reward worker holds its own copy
+            time.sleep(30)
         kind = zlib.crc32(completion.encode()) % 8
         if kind == 0:
             raise ValueError("flaky reward raised")

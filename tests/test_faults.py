@@ -329,7 +329,7 @@ def test_corrupt_last_checkpoint_names_the_newest_intact_one(tmp_path, tiny_mode
 def test_reward_that_raises_returns_nan_or_no_overall(tmp_path, tiny_model):
     """Through the CLI: about half the responses make the reward raise, return NaN, return no "overall" or hang;
     every step goes on, the failures are counted per step and in total, and the others still train."""
-    flaky = {"class_path": "probes.FlakyReward", "init_args": {"timeout_s": 0.5}}
+    flaky = {"class_path": "probes.FlakyReward", "init_args": {"timeout_s": 0.5, "hang_first": True}}
     recipe = fault_recipe(tmp_path, tiny_model, reward=flaky)
     with pytest.warns(UserWarning, match="the reward failed on"):
         main(["fit", "--config", str(recipe), "--trainer.max_steps", "8", "--trainer.limit_val_batches", "0"])
