@@ -11,7 +11,7 @@ from relax_pl.losses import CISPO, GSPO, ClipCov, DrGRPO, KLCov, LossInput, PPOC
 from relax_pl.losses.cispo import clipped_weight_surrogate
 from relax_pl.losses.clip_cov import clip_cov_selection, clip_cov_surrogate
 from relax_pl.losses.gspo import sequence_ratio_surrogate
-from relax_pl.losses.kl_cov import kl_cov_selection, kl_cov_surrogate
+from relax_pl.losses.kl_cov import drift_magnitude, kl_cov_selection, kl_cov_surrogate
 from relax_pl.losses.ppo import clipped_surrogate
 from relax_pl.objectives import aggregate, covariance_scores
 
@@ -205,3 +205,13 @@ def test_dr_grpo_declares_its_reduction_and_unscaled_advantages():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
     batch = LossInput(logp, torch.zeros(1, 3), torch.tensor([2.0]), torch.ones(1, 3, dtype=torch.bool))
     assert torch.equal(DrGRPO()(batch).per_token, PPOClip()(batch).per_token)
+
+
+def test_kl_cov_penalty_has_no_gradient_on_rounding_noise():
+    """|logp - old_logp| pushes by sign(drift): on a drift of a few ulps that sign is noise (a forward split into
+    other micro-batches flips it), so the gradient there is 0; the value, and the gradient of a real drift, stay."""
+    drift = torch.tensor([1e-15, -1e-15, 0.0, 1e-3, -1e-3], dtype=torch.float64, requires_grad=True)
+    value = drift_magnitude(drift)
+    value.sum().backward()
+    assert torch.equal(value.detach(), drift.detach().abs())
+    assert drift.grad.tolist() == [0.0, 0.0, 0.0, 1.0, -1.0]

@@ -269,9 +269,10 @@ def recipe(folder: Path, model: Path, callbacks: list[dict], update: dict | None
     """Two RL steps of the tiny model with a reward that differs within groups (so advantages, and every term
     that depends on them, are non-zero)."""
     return tiny_recipe(
-        # seed 2: every step has a row with A > 0 and a DSD under xi (with seed 3 step 1 has none, and a term with
-        # nothing to push would pass the tests below unchecked)
-        folder, model, callbacks, seed=2,
+        # seed 3: every step has a row with A > 0 and a DSD under xi (with seed 2 step 2 has none since the data
+        # iterators stopped drawing from the sampling generator, and a term with nothing to push would pass the
+        # tests below unchecked)
+        folder, model, callbacks, seed=3,
         model={
             "reward": {"class_path": "probes.LengthParityReward"},
             "sampling": {"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0},
