@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-LATENT = {"KoopmanFit", "LatentExploration", "RepExp", "EffectiveRankShaping", "SpectrumMonitor"}
+LATENT = frozenset({"KoopmanFit", "LatentExploration", "RepExp", "EffectiveRankShaping", "SpectrumMonitor"})
 OWN_PHASES = ["hidden", "ref", "dsd", "probes"]
 # arm -> (the recipe its callbacks come from, the callback classes taken from it)
 ARMS = {
@@ -73,11 +73,14 @@ def set_key(recipe: dict, dotted: str, value: str) -> None:
     node[last] = yaml.safe_load(value)
 
 
-def write_run(recipe: dict, folder: Path, added: list[dict], steps: int) -> Path:
-    """``recipe`` without its latent callbacks and checkpoints, plus ``added``, logging to ``folder``."""
+def write_run(
+    recipe: dict, folder: Path, added: list[dict], steps: int, dropped: frozenset[str] = LATENT | {"ModelCheckpoint"}
+) -> Path:
+    """``recipe`` for ``steps`` optimiser steps without the callbacks named in ``dropped`` (by default its latent
+    callbacks and checkpoints), plus ``added``, logging every step to ``folder``, without validation."""
     run = yaml.safe_load(yaml.safe_dump(recipe))
     trainer = run.setdefault("trainer", {})
-    kept = [cb for cb in trainer.get("callbacks", []) if name_of(cb) not in LATENT | {"ModelCheckpoint"}]
+    kept = [cb for cb in trainer.get("callbacks", []) if name_of(cb) not in dropped]
     trainer.update(
         callbacks=kept + added, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1,
         default_root_dir=str(folder), enable_checkpointing=False,

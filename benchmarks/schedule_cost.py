@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from latent_overhead import scalars, set_key
+from latent_overhead import scalars, set_key, write_run
 
 RECIPES = {"relax_small": "recipes/relax_small.yaml", "paper_schedule": "recipes/relax_small_paper_schedule.yaml"}
 
@@ -32,25 +32,6 @@ def optimiser_steps_per_rollout(recipe: dict) -> int:
     update = recipe["model"].get("update", {})
     mini_batch = update.get("mini_batch_size") or responses
     return update.get("ppo_epochs", 1) * -(-responses // mini_batch)
-
-
-def write_run(recipe: dict, folder: Path, rollouts: int) -> Path:
-    """``recipe`` for ``rollouts`` rollouts, logging every rollout to ``folder``, without checkpoints or validation."""
-    run = yaml.safe_load(yaml.safe_dump(recipe))
-    trainer = run.setdefault("trainer", {})
-    callbacks = trainer.get("callbacks", [])
-    trainer["callbacks"] = [cb for cb in callbacks if not cb["class_path"].endswith("ModelCheckpoint")]
-    trainer.update(
-        max_steps=rollouts * optimiser_steps_per_rollout(run), limit_val_batches=0, num_sanity_val_steps=0,
-        log_every_n_steps=1, default_root_dir=str(folder), enable_checkpointing=False,
-        logger={"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(folder), "name": "tb"}},
-    )
-    trainer.pop("val_check_interval", None)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(run, sort_keys=False))
-    return path
 
 
 def main() -> None:
@@ -72,17 +53,18 @@ def main() -> None:
             key, _, value = item.partition("=")
             set_key(recipe, key, value)
         folder = Path(args.out) / name
-        config = write_run(recipe, folder, args.rollouts)
+        # the recipe as it is (ReLaX included), without its checkpoints
+        per_rollout = optimiser_steps_per_rollout(recipe)
+        config = write_run(recipe, folder, [], args.rollouts * per_rollout, dropped=frozenset({"ModelCheckpoint"}))
         with open(folder / "log.txt", "w") as log:
             subprocess.run([sys.executable, "-m", "relax_pl", "fit", "--config", str(config)], check=True,
                            stdout=log, stderr=subprocess.STDOUT)
         logged = scalars(folder)
         counted = lambda tag: logged.get(tag, [])[1:]  # noqa: E731
         mean = lambda tag: statistics.fmean(counted(tag)) if counted(tag) else float("nan")  # noqa: E731
-        steps = optimiser_steps_per_rollout(recipe)
         responses = recipe["data"]["batch_size"] * recipe["model"]["sampling"]["num_responses"]
         rollout_s = mean("timing_s/step")
-        rows[name] = [steps, responses, rollout_s, rollout_s / steps, rollout_s / responses,
+        rows[name] = [per_rollout, responses, rollout_s, rollout_s / per_rollout, rollout_s / responses,
                       mean("timing_s/update") / rollout_s, mean("actor/pg_clipfrac"), mean("actor/pg_clipfrac_low"),
                       mean("actor/pg_clipfrac_high"), mean("actor/ppo_kl")]
 
