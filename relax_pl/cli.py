@@ -7,6 +7,7 @@ checks every key and type before anything is instantiated, so a typo fails befor
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from argparse import RawDescriptionHelpFormatter
 from contextlib import suppress
@@ -135,8 +136,21 @@ def continue_logging(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
         if not isinstance(logger, (TensorBoardLogger, CSVLogger)) or logger._version is not None:
             continue
         logger._version = int(version) if version.isdigit() else version
-        if isinstance(logger, TensorBoardLogger) and logger._kwargs.get("purge_step") is None:
-            logger._kwargs["purge_step"] = saved["step"] + 1  # the CLI passes SummaryWriter's None default
+        if isinstance(logger, TensorBoardLogger):
+            if logger._kwargs.get("purge_step") is None:
+                logger._kwargs["purge_step"] = saved["step"] + 1  # the CLI passes SummaryWriter's None default
+            wait_past_event_files(Path(logger.log_dir))
+
+
+def wait_past_event_files(log_dir: Path) -> None:
+    """Sleep into the second after the newest events file in ``log_dir`` was named. TensorBoard reads a folder's
+    events files in name order, ``events.out.tfevents.<second>.<host>.<pid>``: a run resumed within the second its
+    interrupted run opened its file would otherwise be ordered by process id, often before it, and its
+    ``purge_step`` would hide nothing."""
+    seconds = [int(m.group(1)) for p in log_dir.glob("events.out.tfevents.*")
+               if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", p.name))]
+    if seconds and (wait := max(seconds) + 1 - time.time()) > 0:
+        time.sleep(min(wait, 1.0))  # a file from the future (a clock set back) is not waited for
 
 
 class RecipeParser(LightningArgumentParser):
