@@ -205,14 +205,18 @@ def evaluate(config: str, checkpoints: list[str | None], num_samples: int = 16, 
         sampler = DistributedSampler(prompts.dataset, trainer.world_size, trainer.global_rank, shuffle=False)
         prompts = DataLoader(prompts.dataset, batch_size=prompts.batch_size, sampler=sampler, collate_fn=list)
     out = Path(out) if out is not None else Path(trainer.default_root_dir) / "evaluation"
-    evaluated = []
-    for path in checkpoints:
+    by_position: dict[int, dict[str, Any]] = {}
+    # the base model first, wherever it is named: the policy holds the recipe's weights only until a checkpoint
+    # is loaded into it (each evaluation reseeds, so the order changes no figure)
+    for index in sorted(range(len(checkpoints)), key=lambda i: checkpoints[i] is not None):
+        path = checkpoints[index]
         L.seed_everything(seed, verbose=False)
         with warnings.catch_warnings():  # the run's ModelCheckpoint is not needed to read its checkpoint
             warnings.filterwarnings("ignore", "Be aware that when using `ckpt_path`")
             batches = trainer.predict(module, dataloaders=prompts, ckpt_path=path)
         results = gather([r for batch in batches for r in batch])
-        evaluated.append({"path": path, "step": checkpoint_step(path), **summarise(results, seed=seed)})
+        by_position[index] = {"path": path, "step": checkpoint_step(path), **summarise(results, seed=seed)}
+    evaluated = [by_position[index] for index in range(len(checkpoints))]
     report = {
         "settings": {
             "config": str(config), "overrides": list(overrides), "val_source": data.val_source,

@@ -112,6 +112,14 @@ def test_evaluate_compares_a_checkpoint_with_the_base_model(tmp_path, trained):
         assert difference[name]["value"] == pytest.approx(expected)
     assert report == json.loads(json.dumps(report))  # what was returned is what was written
 
+    # named after the checkpoint, "base" is still the base model (it was the checkpoint's weights again before)
+    reversed_order = main(["--config", str(recipe), "--ckpt_path", str(checkpoint), "--ckpt_path", "base",
+                           "--num_samples", "4", "--max_prompts", "5", "--out", str(tmp_path / "reversed")])
+    assert [entry["path"] for entry in reversed_order["checkpoints"]] == [str(checkpoint), None]
+    assert base["per_prompt"] != after["per_prompt"]  # the two are told apart
+    assert reversed_order["checkpoints"][1]["per_prompt"] == base["per_prompt"]
+    assert reversed_order["checkpoints"][0]["per_prompt"] == after["per_prompt"]
+
 
 def test_evaluate_names_what_is_wrong(tmp_path, trained, capsys):
     recipe, _ = trained
