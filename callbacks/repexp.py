@@ -88,6 +88,16 @@ def accumulated_leverage(features: Tensor, state: PromptCovariance, lam: float) 
     return (centred * torch.linalg.solve(covariance, centred.T).T).sum(-1)
 
 
+def bonus_shaped_advantages(
+    advantages: Tensor, rewards: Tensor, bonus: Tensor, group_size: int, scale: bool | None
+) -> Tensor:
+    """``advantages + A(r + bonus) - A(r)`` with ``A`` the GRPO advantage: the paper's ``A(r')`` of the bonus-shaped
+    reward (step 4 of :class:`RepExp`) when ``advantages`` are the plain ``A(r)``, and a shaping that ran before
+    (EffectiveRankShaping first in the recipe) kept rather than recomputed away."""
+    shaped = obj.group_advantages(rewards + bonus.to(rewards.dtype), group_size, scale=scale)
+    return advantages + (shaped - obj.group_advantages(rewards, group_size, scale=scale)).to(advantages.dtype)
+
+
 def prompt_key(rollout: RolloutBatch, row: int) -> str:
     """The identity of a response's prompt across steps: a hash of its prompt tokens (two rows with the same text
     and different images share one)."""
@@ -109,7 +119,8 @@ class RepExp(RLVRCallback):
        (``gate_none_correct``; correct: :func:`relax_pl.metrics.correctness_or_overall` > 0, the accuracy component
        when the reward has one, where the code reads the summed reward, which a format bonus would make positive);
     4. reward: ``r'_i = r_i + beta * b_i``, and the advantages are the GRPO ones of ``r'``
-       (``model.objective.scale_advantages`` or the loss's own, as for the plain reward).
+       (``model.objective.scale_advantages`` or the loss's own, as for the plain reward); a shaping of the
+       advantages by a callback before this one is kept (:func:`bonus_shaped_advantages`).
 
     The covariance lives one step and one group, as in the paper's runs (``persist_covariance=False``). With
     ``persist_covariance=True`` (the code's other setting) each prompt keeps the running sums of every response
@@ -250,9 +261,11 @@ class RepExp(RLVRCallback):
             any_correct = torch.zeros(int(rollout.group_index.max()) + 1, dtype=torch.bool, device=correct.device)
             any_correct.index_put_((rollout.group_index,), correct, accumulate=True)
             gated = ~any_correct[rollout.group_index]
-        shaped = rollout.rewards + self.beta * torch.where(gated, 0.0, bonus).to(rollout.rewards.dtype)
         before = rollout.advantages
-        rollout.advantages = obj.group_advantages(shaped, rollout.group_size, scale=module.objective.advantages_scaled)
+        rollout.advantages = bonus_shaped_advantages(
+            before, rollout.rewards, self.beta * torch.where(gated, 0.0, bonus), rollout.group_size,
+            scale=module.objective.advantages_scaled,
+        )
         metrics = {
             "repexp/bonus_mean": float(bonus.mean()),
             "repexp/bonus_group_std": float(bonus.view(-1, rollout.group_size).std(1).mean()),

@@ -13,11 +13,13 @@ import torch
 import relax_pl.forward
 from relax_pl.callbacks.effective_rank import effective_rank, rank_bonus, rank_dynamics, shaped_advantages
 from relax_pl.callbacks.repexp import (
-    PromptCovariance, RepExp, accumulated_leverage, group_leverage, mean_pooled, sparse_random_projection,
+    PromptCovariance, RepExp, accumulated_leverage, bonus_shaped_advantages, group_leverage, mean_pooled,
+    sparse_random_projection,
 )
 from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.cli import main
 from relax_pl.extension import RLVRCallback
+from relax_pl.objectives import group_advantages
 
 from probes import tensorboard_logs, tiny_recipe
 
@@ -74,6 +76,20 @@ def authors_persistent_fold(steps: list[torch.Tensor], lam: float) -> list[torch
         centred = features - mean
         bonuses.append(torch.stack([c @ adjusted @ c for c in centred]))
     return bonuses
+
+
+def test_the_bonus_keeps_an_earlier_shaping_of_the_advantages():
+    """RepExp's advantages are the GRPO ones of the bonus-shaped reward; an advantage shaping run before it
+    (EffectiveRankShaping first in the recipe) stays, it was recomputed away before."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    bonus = torch.tensor([0.3, 0.1, 0.0, 0.2, 0.5, 0.1, 0.4, 0.0], dtype=torch.float64)
+    plain = group_advantages(rewards, 4)
+    expected = group_advantages(rewards + bonus.float(), 4)
+    torch.testing.assert_close(bonus_shaped_advantages(plain, rewards, bonus, 4, scale=True), expected)
+    earlier = shaped_advantages(plain, torch.tensor([0.4, 0.0, 2.0, 0.1, 0.0, 0.3, 0.0, 0.0]), kappa=2.0)
+    assert not torch.equal(earlier, plain)
+    torch.testing.assert_close(bonus_shaped_advantages(earlier, rewards, bonus, 4, scale=True),
+                               expected + (earlier - plain))
 
 
 def test_persistent_covariance_matches_the_authors_fold():
