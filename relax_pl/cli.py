@@ -149,8 +149,8 @@ def wait_past_event_files(log_dir: Path) -> None:
     ``purge_step`` would hide nothing."""
     seconds = [int(m.group(1)) for p in log_dir.glob("events.out.tfevents.*")
                if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", p.name))]
-    if seconds and (wait := max(seconds) + 1 - time.time()) > 0:
-        time.sleep(min(wait, 1.0))  # a file from the future (a clock set back) is not waited for
+    if seconds and 0 < (wait := max(seconds) + 1 - time.time()) <= 1:  # not for a file from the future
+        time.sleep(wait)
 
 
 class RecipeParser(LightningArgumentParser):

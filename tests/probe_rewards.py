@@ -9,14 +9,22 @@ import zlib
 from relax_pl.rewards import VerifiableReward
 
 
-class LengthParityReward(VerifiableReward):
+class UnhurriedReward(VerifiableReward):
+    """A 30 s bound instead of 1 s: these scores take microseconds, but a response that ran out of time on a busy
+    machine would score 0 and fail a bit-for-bit comparison of two runs for no reason of the test's."""
+
+    def __init__(self, timeout_s: float = 30.0, workers: int | None = None) -> None:
+        super().__init__(timeout_s=timeout_s, workers=workers)
+
+
+class LengthParityReward(UnhurriedReward):
     """1 for a response of an even number of characters: rewards that differ within a group, so advantages do."""
 
     def score(self, completion: str, sample: dict) -> dict[str, float]:
         return {"overall": float(len(completion) % 2 == 0)}
 
 
-class ParityAccuracyReward(VerifiableReward):
+class ParityAccuracyReward(UnhurriedReward):
     """LengthParityReward's score as ``accuracy``, whether the response has a digit as ``format``:
     ``overall = 0.9 accuracy + 0.1 format``, components that vary within groups like MathReward's would."""
 
@@ -26,7 +34,7 @@ class ParityAccuracyReward(VerifiableReward):
         return {"overall": 0.9 * accuracy + 0.1 * format_, "accuracy": accuracy, "format": format_}
 
 
-class EvenRowsParityReward(VerifiableReward):
+class EvenRowsParityReward(UnhurriedReward):
     """Length parity for prompts of even rows, 0 for odd rows: a step holds groups that vary and groups that
     do not, which dynamic sampling must keep and drop."""
 

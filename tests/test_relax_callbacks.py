@@ -438,17 +438,17 @@ class SplitRollout:
         return 8
 
 
-def lookahead_on_rank(rank: int, port: int, short_rows: list[list[int]], out: str) -> None:
+def lookahead_on_rank(rank: int, short_rows: list[list[int]], out: str) -> None:
     """One of two gloo ranks: a mini-batch whose groups micro-batches of 2 split, with this rank's short rows. Each
     look-ahead forward runs a collective, as an FSDP forward's all-gathers do."""
     import json
-    import os
     from datetime import timedelta
 
     from relax_pl.extension import DetachedForward, MiniBatch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=20))
+    # a rendezvous file, not a port another process could take; a long timeout for a loaded machine
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2,
+                                         timeout=timedelta(seconds=120))
     hidden = torch.randn(8, 24, D_MODEL, generator=torch.Generator().manual_seed(rank))
     collectives = []
 
@@ -475,12 +475,8 @@ def test_split_groups_under_lockstep_run_as_many_lookahead_forwards_on_every_ran
     """Rank 0 has 8 rows with a DSD to measure ahead (4 forwards of 2), rank 1 only 5 (3 forwards): rank 1 pads its
     rows to 8, so the sharded forwards' collectives pair up instead of hanging, and keeps only its own results."""
     import json
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(lookahead_on_rank, args=(port, [[], [1, 2, 6]], str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(lookahead_on_rank, args=([[], [1, 2, 6]], str(tmp_path)), nprocs=2)
     counts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert counts == [[2, 2, 2, 2], [2, 2, 2, 2]]  # rank 1: its 5 valid rows and 3 padding rows
 

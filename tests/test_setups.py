@@ -321,7 +321,7 @@ def fsdp_fit(folder: Path, model: Path, max_steps: int, ckpt_path: str | None = 
     launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(command, env=env, capture_output=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-5000:]
     return recipe
 
@@ -406,7 +406,7 @@ def test_fsdp_evaluate_shards_prompts_and_gathers_them(fsdp_run, tmp_path):
     launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"}
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(command, env=env, capture_output=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-5000:]
     [entry] = json.loads((tmp_path / "evaluation.json").read_text())["checkpoints"]
     assert entry["rows"] == [0, 1, 2, 3, 4] and entry["step"] == 2  # 3 + 2 prompts, each once, in order
