@@ -374,10 +374,11 @@ def test_repexp_persistent_covariance_is_kept_and_resumed(tmp_path, tiny_model):
 
 
 def test_resume_is_exact_with_every_latent_callback(tmp_path, tiny_model):
-    """ReLaX + RepExp + ER + probes: two steps in one go and one step then a resume end on the same weights and
-    callback states. ER's moving averages are set after step 1 and shape step 2, so a resume that lost them
-    would train step 2 otherwise."""
-    callbacks = RELAX + REPEXP + ER + MONITOR[1:]
+    """ReLaX (alpha steered to a grad_share target) + RepExp + ER + probes: two steps in one go and one step then a
+    resume end on the same weights and callback states. ER's moving averages and ReLaX's alpha are set after step 1
+    and shape step 2, so a resume that lost them would train step 2 otherwise."""
+    steered = {**RELAX[1], "init_args": {**RELAX[1]["init_args"], "grad_share_target": 0.01}}
+    callbacks = [RELAX[0], steered] + REPEXP + ER + MONITOR[1:]
     straight = tmp_path / "straight"
     main(["fit", "--config", str(fit_recipe(straight, tiny_model, callbacks))])
     split = tmp_path / "split"
@@ -385,6 +386,7 @@ def test_resume_is_exact_with_every_latent_callback(tmp_path, tiny_model):
     main(["fit", "--config", str(recipe)])
     halfway = load_checkpoint_file(split / "checkpoints" / "last.ckpt")
     assert halfway["callbacks"]["EffectiveRankShaping"]["reference"] is not None
+    assert halfway["callbacks"]["LatentExploration"]["alpha"] != 1.0  # the controller steered alpha on step 1
     main(["fit", "--config", str(recipe), "--trainer.max_steps", "2", "--ckpt_path", "last"])
     a = load_checkpoint_file(straight / "checkpoints" / "last.ckpt")
     b = load_checkpoint_file(split / "checkpoints" / "last.ckpt")
