@@ -44,7 +44,7 @@ class SpectrumMonitor(RLVRCallback):
     with the unit circle; correct responses in green, incorrect in red) and ``koopman/dsd_histogram``.
 
     Cost: the rows' share of the shared forward (none when RepExp, EffectiveRankShaping or a KoopmanFit fit already
-    read them) and the per-response math; benchmarks/probes_overhead.py measures it against the step time.
+    read them) and the per-response math; benchmarks/latent_overhead.py measures it against the step time.
 
     Args:
         every_n_steps: images on RL steps (rollouts) divisible by this.
