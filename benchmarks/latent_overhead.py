@@ -19,7 +19,10 @@ forward and what callbacks compute on it), ``timing_s/ref`` (RepExp's pre-traine
 ``timing_s/dsd`` (ReLaX's DSD forward; its backward is inside ``timing_s/update``) and ``timing_s/probes``; and
 their sum as a share of the step. The share is the number to quote: differences between two runs' step times also
 hold their responses' different lengths (a method changes the policy, so from step 2 on the arms sample different
-responses). Run it on a quiet machine; each run's log is under ``--out``.
+responses). Step 1 is the exception: every arm samples the same responses from the same weights (``len@1``, the
+mean response length, shows it), so ``update@1`` (``timing_s/update`` of step 1) against GRPO's is what a loss
+term adds to the update, its backward included (ReLaX's DSD forward and backward). Run it on a quiet machine; each
+run's log is under ``--out``.
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ def main() -> None:
                        "n_min": args.m + 1, "metrics_every_n_steps": 1}},
     ]
     print(f"recipe {args.recipe}, {args.steps} steps (step 1 not counted)")
-    print(f"{'arm':<8}{'step s':>9}" + "".join(f"{p + ' s':>10}" for p in OWN_PHASES) + f"{'own share':>11}")
+    print(f"{'arm':<8}{'step s':>9}" + "".join(f"{p + ' s':>10}" for p in OWN_PHASES) + f"{'own share':>11}"
+          + f"{'update@1 s':>12}{'len@1':>8}")
     for arm in arms:
         added = [] if arm == "grpo" else probes if arm == "probes" else callbacks_of(*ARMS[arm])
         folder = Path(args.out) / arm
@@ -137,7 +141,8 @@ def main() -> None:
         own = {phase: mean(f"timing_s/{phase}") for phase in OWN_PHASES}
         step = mean("timing_s/step")
         print(f"{arm:<8}{step:>9.3f}" + "".join(f"{own[p]:>10.3f}" for p in OWN_PHASES)
-              + f"{sum(own.values()) / step:>11.1%}")
+              + f"{sum(own.values()) / step:>11.1%}"
+              + f"{logged['timing_s/update'][0]:>12.3f}{logged['response_length/mean'][0]:>8.1f}")
 
 
 if __name__ == "__main__":
