@@ -77,7 +77,8 @@ class EffectiveRankShaping(RLVRCallback):
     ``A' = A + min(max(aux, 0), |A| / kappa)`` (:func:`shaped_advantages`). The first step only sets ``m``
     (nothing to deviate from yet). ``m`` is this callback's ``state_dict``, saved in every checkpoint.
 
-    Defaults follow the authors' run script (``train.sh``; the paper's text was not available to us): ``stride=40``
+    Defaults follow the authors' run script (``train.sh``; the paper's text was not available to us, its
+    symbols are mapped to these flags in their ``TRAINING_CONFIG.md``): ``stride=40``
     (``diff_stride``), ``max_tokens=512`` (the calculator's window for the differences), ``gain=2.0``
     (``modulation_gain``), ``weight=1.0`` (``aux_reward_global_weight`` with ``aux_fix``), ``kappa=2.0``
     (``adv_shaping_kappa``), ``ema_rate=0.3`` (``reward_ema_alpha``); the explore profile weights ER only and the
