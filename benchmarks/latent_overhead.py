@@ -8,7 +8,8 @@ Runs ``recipes/relax_small.yaml`` (``--recipe``) as plain GRPO with its latent c
 from the same seed with that arm's callbacks added back:
 
 * ``probes``: KoopmanFit (no loss term) and SpectrumMonitor computing its probes every step on ``--max-responses``
-  responses, images every ``--image-every`` steps;
+  responses, images every ``--image-every`` steps, read in a no-grad forward before the update;
+* ``probes_update``: the same probes read from the update's own forward (``read_from: update``);
 * ``relax``: KoopmanFit and LatentExploration as recipes/relax_small.yaml sets them;
 * ``repexp``: RepExp as recipes/repexp_small.yaml sets it;
 * ``er``: EffectiveRankShaping as recipes/effective_rank_small.yaml sets it.
@@ -100,7 +101,7 @@ def write_run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/relax_small.yaml", help="the task, model and update of every arm")
-    parser.add_argument("--arms", default="grpo,probes,relax,repexp,er")
+    parser.add_argument("--arms", default="grpo,probes,probes_update,relax,repexp,er")
     parser.add_argument("--steps", type=int, default=8, help="RL steps per run (the first is not counted)")
     parser.add_argument("--max-responses", type=int, default=24, help="responses the probes read each step")
     parser.add_argument("--image-every", type=int, default=4, help="spectrum images every this many steps")
@@ -112,9 +113,9 @@ def main() -> None:
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step is not counted")
     arms = args.arms.split(",")
-    unknown = set(arms) - {"grpo", "probes", *ARMS}
+    unknown = set(arms) - {"grpo", "probes", "probes_update", *ARMS}
     if unknown:
-        parser.error(f"unknown arms {sorted(unknown)}; choose from grpo, probes, {', '.join(ARMS)}")
+        parser.error(f"unknown arms {sorted(unknown)}; choose from grpo, probes, probes_update, {', '.join(ARMS)}")
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     for item in args.set:
@@ -126,11 +127,13 @@ def main() -> None:
          "init_args": {"every_n_steps": args.image_every, "max_responses": args.max_responses,
                        "n_min": args.m + 1, "metrics_every_n_steps": 1}},
     ]
+    probes_from_update = [probes[0], {**probes[1], "init_args": {**probes[1]["init_args"], "read_from": "update"}}]
     print(f"recipe {args.recipe}, {args.steps} steps (step 1 not counted)")
-    print(f"{'arm':<8}{'step s':>9}" + "".join(f"{p + ' s':>10}" for p in OWN_PHASES) + f"{'own share':>11}"
+    print(f"{'arm':<14}{'step s':>9}" + "".join(f"{p + ' s':>10}" for p in OWN_PHASES) + f"{'own share':>11}"
           + f"{'update@1 s':>12}{'len@1':>8}")
     for arm in arms:
-        added = [] if arm == "grpo" else probes if arm == "probes" else callbacks_of(*ARMS[arm])
+        own = {"grpo": [], "probes": probes, "probes_update": probes_from_update}
+        added = own[arm] if arm in own else callbacks_of(*ARMS[arm])
         folder = Path(args.out) / arm
         config = write_run(recipe, folder, added, args.steps)
         with open(folder / "log.txt", "w") as log:
@@ -140,7 +143,7 @@ def main() -> None:
         mean = lambda tag: statistics.fmean(logged[tag][1:]) if len(logged.get(tag, [])) > 1 else 0.0  # noqa: E731
         own = {phase: mean(f"timing_s/{phase}") for phase in OWN_PHASES}
         step = mean("timing_s/step")
-        print(f"{arm:<8}{step:>9.3f}" + "".join(f"{own[p]:>10.3f}" for p in OWN_PHASES)
+        print(f"{arm:<14}{step:>9.3f}" + "".join(f"{own[p]:>10.3f}" for p in OWN_PHASES)
               + f"{sum(own.values()) / step:>11.1%}"
               + f"{logged['timing_s/update'][0]:>12.3f}{logged['response_length/mean'][0]:>8.1f}")
 

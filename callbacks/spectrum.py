@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import numpy as np
@@ -18,7 +18,7 @@ from typing_extensions import override
 from relax_pl.callbacks.effective_rank import effective_rank
 from relax_pl.callbacks.koopman_fit import KoopmanFit, find_koopman_fit, log_metrics
 from relax_pl.callbacks.repexp import group_leverage, sparse_random_projection
-from relax_pl.extension import DetachedForward, RLVRCallback
+from relax_pl.extension import DetachedForward, LossTerms, PolicyForward, RLVRCallback
 from relax_pl.koopman import koopman_eigenvalues
 from relax_pl.metrics import correctness_or_overall
 from relax_pl.rollout import RolloutBatch
@@ -53,6 +53,12 @@ class SpectrumMonitor(RLVRCallback):
         spectrum: the spectrum of ``koopman/dsd_*`` and the histogram, "eig" or "sv_compat" (match
             LatentExploration's).
         metrics_every_n_steps: probes on RL steps divisible by this.
+        read_from: ``"rollout"`` (default) reads the responses in the step's shared no-grad forward, before the
+            update: the policy that sampled them, at the cost of that forward where no other callback asks for
+            it (about 16% of a relax_small GRPO step, benchmarks/latent_overhead.py). ``"update"`` reads the
+            update's own forward, detached, the first time each row passes: no extra forward. The same states in a
+            run of one optimiser step per rollout (relax_small); with several, the rows of a later mini-batch are
+            read after that rollout's earlier optimiser steps.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class SpectrumMonitor(RLVRCallback):
         n_min: Optional[int] = None,
         spectrum: Literal["eig", "sv_compat"] = "sv_compat",
         metrics_every_n_steps: int = 1,
+        read_from: Literal["rollout", "update"] = "rollout",
     ) -> None:
         if every_n_steps < 1 or max_responses < 1 or metrics_every_n_steps < 1:
             raise ValueError(
@@ -70,12 +77,17 @@ class SpectrumMonitor(RLVRCallback):
             )
         if spectrum not in ("eig", "sv_compat"):
             raise ValueError(f"SpectrumMonitor: spectrum must be 'eig' or 'sv_compat', got {spectrum!r}")
+        if read_from not in ("rollout", "update"):
+            raise ValueError(f"SpectrumMonitor: read_from must be 'rollout' or 'update', got {read_from!r}")
+        self.read_from = read_from
+        self.needs_hidden_states = read_from == "update"  # the update's forward then keeps its final states
         self.every_n_steps, self.metrics_every_n_steps = every_n_steps, metrics_every_n_steps
         self.max_responses, self.n_min, self.spectrum = max_responses, n_min, spectrum
         self.last_metrics: dict[str, float] = {}  # the latest measurement, for scripts without a logger
         self._rows: Tensor | None = None  # the rows this step reads, and their trajectories (T_i, d) in row order
         self._trajectories: list[Tensor] = []
-        self._seconds = 0.0
+        self._read: dict[int, Tensor] = {}  # read_from="update": row -> trajectory, as the update's forward passes
+        self._rollout: RolloutBatch | None = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -89,7 +101,7 @@ class SpectrumMonitor(RLVRCallback):
     def rollout_hidden_rows(
         self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch
     ) -> Tensor | None:
-        self._rows, self._trajectories, self._seconds = None, [], 0.0
+        self._rows, self._trajectories, self._read, self._rollout = None, [], {}, None
         if not len(rollout) or not (
             self.logs_now(trainer, self.metrics_every_n_steps) or self.logs_now(trainer, self.every_n_steps)
         ):
@@ -98,7 +110,7 @@ class SpectrumMonitor(RLVRCallback):
         if count >= rollout.group_size:  # whole groups: the novelty is measured against a response's group
             count -= count % rollout.group_size
         self._rows = torch.arange(count, device=rollout.input_ids.device)
-        return self._rows
+        return self._rows if self.read_from == "rollout" else None
 
     @override
     def on_rollout_hidden_states(
@@ -114,10 +126,38 @@ class SpectrumMonitor(RLVRCallback):
     def on_rollout_end(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> None:
         if self._rows is None:
             return
+        find_koopman_fit(trainer, "SpectrumMonitor").ensure_fitted(trainer, module, rollout)
+        if self.read_from == "rollout":
+            self.measure(trainer, module, rollout, self._trajectories)
+        else:
+            self._rollout = rollout  # measured after the update, on the rows its forward passed
+
+    @override
+    def policy_loss_terms(
+        self, trainer: L.Trainer, module: L.LightningModule, forward: PolicyForward
+    ) -> LossTerms | None:
+        if self._rollout is None or forward.rows is None:
+            return None
+        for row, hidden, mask in zip(forward.rows.tolist(), forward.hidden, forward.response_mask):
+            if row < len(self._rows) and row not in self._read:  # the first pass over it
+                self._read[row] = hidden[mask].detach()
+        return None
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._rollout is None or not self._read:
+            return
+        rollout, self._rollout = self._rollout, None
+        rows = sorted(self._read)  # all of self._rows unless the update left some out (dynamic sampling)
+        self._rows = torch.tensor(rows, device=self._rows.device)
+        self.measure(trainer, pl_module, rollout, [self._read[row] for row in rows])
+
+    def measure(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, trajectories: list[Tensor]
+    ) -> None:
+        """The probes of ``trajectories`` (the states of rows ``self._rows``), logged; the images on their steps."""
         fit = find_koopman_fit(trainer, "SpectrumMonitor")
-        fit.ensure_fitted(trainer, module, rollout)
         start = time.perf_counter()
-        trajectories = self._trajectories
         correct = (correctness_or_overall(rollout.reward_components)[self._rows] > 0).cpu()
         dsd_eig, valid = fit.dsd_of(trajectories, eps=fit.eps, n_min=self.n_min, spectrum="eig")
         dsd_sv, _ = fit.dsd_of(
@@ -157,7 +197,7 @@ class SpectrumMonitor(RLVRCallback):
             figure = eigenvalue_figure(eigenvalues[valid], step, correct[valid])
             writer.add_figure("koopman/eigenvalues", figure, global_step=step)
             writer.add_figure("koopman/dsd_histogram", dsd_figure(kept, len(valid), step), global_step=step)
-        self._rows, self._trajectories = None, []
+        self._rows, self._trajectories, self._read = None, [], {}
 
     @staticmethod
     def novelty(trajectories: list[Tensor], group_index: Tensor) -> Tensor:

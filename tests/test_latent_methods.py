@@ -343,6 +343,30 @@ def test_latent_probes_in_a_grpo_run(tmp_path, tiny_model):
     assert not any(name.startswith("relax/") for name in scalars)  # no loss term
 
 
+def test_latent_probes_read_from_the_update_cost_no_forward_and_agree(tmp_path, tiny_model, monkeypatch):
+    """read_from="update": the probes read the update's forward instead of a no-grad forward of their own. One
+    optimiser step per rollout (micro-batches of 4, one epoch): the same weights and rows, so the same probes (up to
+    float rounding), and only the first step's forward for KoopmanFit's dictionary fit is left."""
+    original = relax_pl.forward.ResponseForward.__call__
+
+    def counted(self, *args, **kwargs):
+        ForwardCounter.counts[-1] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(relax_pl.forward.ResponseForward, "__call__", counted)
+    from_update = [MONITOR[0], {**MONITOR[1], "init_args": {**MONITOR[1]["init_args"], "read_from": "update"}}]
+    assert count_forwards(tmp_path / "rollout", tiny_model, MONITOR) == [4, 4]
+    assert count_forwards(tmp_path / "update", tiny_model, from_update) == [4, 2]  # GRPO alone: [2, 2]
+    expected, expected_images = tensorboard_logs(tmp_path / "rollout")
+    read, images = tensorboard_logs(tmp_path / "update")
+    probes = sorted(name for name in expected if name.startswith("probes/") and name != "probes/correct_frac")
+    assert len(probes) >= 12 and images == expected_images
+    for name in probes + ["probes/correct_frac", "koopman/dsd_mean"]:
+        assert len(read[name]) == len(expected[name]) == 2, name  # every step
+        assert read[name] == pytest.approx(expected[name], rel=1e-4), name
+    assert weight_change(final_weights(tmp_path / "update"), final_weights(tmp_path / "rollout")) == 0.0
+
+
 def test_repexp_persistent_covariance_is_kept_and_resumed(tmp_path, tiny_model):
     """persist_covariance on two prompts seen at every step: each prompt's sums hold every response sampled for it,
     they are saved in the checkpoint, and one step then a resume ends where two steps in one go do. Step 2's bonus
