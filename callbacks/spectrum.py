@@ -44,7 +44,8 @@ class SpectrumMonitor(RLVRCallback):
     with the unit circle; correct responses in green, incorrect in red) and ``koopman/dsd_histogram``.
 
     Cost: the rows' share of the shared forward (none when RepExp, EffectiveRankShaping or a KoopmanFit fit already
-    read them) and the per-response math; benchmarks/latent_overhead.py measures it against the step time.
+    read them, or with ``read_from="update"``) and the per-response math; benchmarks/latent_overhead.py measures it
+    against the step time.
 
     Args:
         every_n_steps: images on RL steps (rollouts) divisible by this.
@@ -140,7 +141,7 @@ class SpectrumMonitor(RLVRCallback):
             return None
         for row, hidden, mask in zip(forward.rows.tolist(), forward.hidden, forward.response_mask):
             if row < len(self._rows) and row not in self._read:  # the first pass over it
-                self._read[row] = hidden[mask].detach()
+                self._read[row] = hidden.detach()[mask]
         return None
 
     @override
