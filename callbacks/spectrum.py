@@ -56,7 +56,7 @@ class SpectrumMonitor(RLVRCallback):
         metrics_every_n_steps: probes on RL steps divisible by this.
         read_from: ``"rollout"`` (default) reads the responses in the step's shared no-grad forward, before the
             update: the policy that sampled them, at the cost of that forward where no other callback asks for
-            it (about 16% of a relax_small GRPO step, benchmarks/latent_overhead.py). ``"update"`` reads the
+            it (15% of a relax_small GRPO step, benchmarks/latent_overhead.py). ``"update"`` reads the
             update's own forward, detached, the first time each row passes: no extra forward. The same states in a
             run of one optimiser step per rollout (relax_small); with several, the rows of a later mini-batch are
             read after that rollout's earlier optimiser steps.
