@@ -128,12 +128,12 @@ def main() -> None:
                        "n_min": args.m + 1, "metrics_every_n_steps": 1}},
     ]
     probes_from_update = [probes[0], {**probes[1], "init_args": {**probes[1]["init_args"], "read_from": "update"}}]
+    callbacks_of_arm = {"grpo": [], "probes": probes, "probes_update": probes_from_update}
     print(f"recipe {args.recipe}, {args.steps} steps (step 1 not counted)")
     print(f"{'arm':<14}{'step s':>9}" + "".join(f"{p + ' s':>10}" for p in OWN_PHASES) + f"{'own share':>11}"
           + f"{'update@1 s':>12}{'len@1':>8}")
     for arm in arms:
-        own = {"grpo": [], "probes": probes, "probes_update": probes_from_update}
-        added = own[arm] if arm in own else callbacks_of(*ARMS[arm])
+        added = callbacks_of_arm[arm] if arm in callbacks_of_arm else callbacks_of(*ARMS[arm])
         folder = Path(args.out) / arm
         config = write_run(recipe, folder, added, args.steps)
         with open(folder / "log.txt", "w") as log:

@@ -89,7 +89,7 @@ def accumulated_leverage(features: Tensor, state: PromptCovariance, lam: float) 
 
 
 def bonus_shaped_advantages(
-    advantages: Tensor, rewards: Tensor, bonus: Tensor, group_size: int, scale: bool | None
+    advantages: Tensor, rewards: Tensor, bonus: Tensor, group_size: int, scale: bool = True
 ) -> Tensor:
     """``advantages + A(r + bonus) - A(r)`` with ``A`` the GRPO advantage: the paper's ``A(r')`` of the bonus-shaped
     reward (step 4 of :class:`RepExp`) when ``advantages`` are the plain ``A(r)``, and a shaping that ran before

@@ -58,8 +58,8 @@ class SpectrumMonitor(RLVRCallback):
             update: the policy that sampled them, at the cost of that forward where no other callback asks for
             it (15% of a relax_small GRPO step, benchmarks/latent_overhead.py). ``"update"`` reads the
             update's own forward, detached, the first time each row passes: no extra forward. The same states in a
-            run of one optimiser step per rollout (relax_small); with several, the rows of a later mini-batch are
-            read after that rollout's earlier optimiser steps.
+            run of one optimiser step per rollout without dropout (relax_small); with several, the rows of a later
+            mini-batch are read after that rollout's earlier optimiser steps.
     """
 
     def __init__(
@@ -146,12 +146,10 @@ class SpectrumMonitor(RLVRCallback):
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._rollout is None or not self._read:
+        if self._rollout is None:
             return
         rollout, self._rollout = self._rollout, None
-        rows = sorted(self._read)  # all of self._rows unless the update left some out (dynamic sampling)
-        self._rows = torch.tensor(rows, device=self._rows.device)
-        self.measure(trainer, pl_module, rollout, [self._read[row] for row in rows])
+        self.measure(trainer, pl_module, rollout, [self._read[row] for row in range(len(self._rows))])
 
     def measure(
         self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, trajectories: list[Tensor]

