@@ -176,10 +176,12 @@ class StepLog(L.Callback):
             f.write(json.dumps(record) + "\n")
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics = {}
         if self.logged is not None:
-            metrics.update(self.logged.latest)
-            self.logged.latest = {}  # a callback that skips a step leaves no stale value in the next record
+            # Lightning hands a step's own metrics to the loggers after this hook, so ``latest`` holds the previous
+            # step's under the same keys: the trainer's current values must win
+            metrics, self.logged.latest = self.logged.latest, {}  # nor may a callback that skips a step leave one
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         record = {short: metrics[key] for key, short in STEP_KEYS.items() if key in metrics}
         if self.explore is not None:
             dsd, advantages = self.explore.step_dispersions()

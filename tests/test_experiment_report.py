@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
+import torch
 
 from relax_pl.callbacks.koopman_fit import log_metrics
 
@@ -43,6 +45,37 @@ def test_step_record_holds_metrics_written_straight_to_the_loggers(runner, tmp_p
     first, second = (json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines())
     assert first == {"step": 3, "reward": 0.25, "probe_erank": 7.5, "repexp_bonus": 0.125}
     assert second == {"step": 4, "reward": 0.25}
+
+
+class StepIndexModule(L.LightningModule):
+    """Logs its step's index as the reward, and a probe straight to the loggers, as relax_pl's module and probes do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        self.log("critic/score/mean", float(batch_idx), batch_size=1)
+        log_metrics(self.trainer, {"probes/effective_rank/all": 10.0 + batch_idx})
+        return (self.weight - batch).pow(2).sum()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(4, 1), batch_size=1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_each_record_holds_its_own_steps_metrics_in_a_real_fit(runner, tmp_path):
+    """Lightning gives the loggers a step's metrics after ``on_train_batch_end``: the record of step t once held step
+    t - 1's trainer metrics beside step t's probes, and the last step's were never written."""
+    logged = runner.LatestMetrics(tmp_path)
+    trainer = L.Trainer(max_steps=4, logger=[logged], callbacks=[runner.StepLog(tmp_path / "run.jsonl", logged=logged)],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=1)
+    trainer.fit(StepIndexModule())
+    records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["reward"], r["probe_erank"]) for r in records] == [(t, t, 10.0 + t) for t in range(4)]
 
 
 def write_run(path: Path, rewards: list[float], erank: float) -> None:
