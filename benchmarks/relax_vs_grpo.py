@@ -290,7 +290,9 @@ def mean(values: list[float]) -> float:
 
 
 def last_mean(steps: list[dict], key: str) -> float:
-    return mean([s.get(key) for s in steps[-LAST:]])
+    """The mean of ``key`` over the last :data:`LAST` steps that recorded it (records written before the StepLog fix
+    lack the trainer metrics of the step before each resume: benchmarks/realign_lagged_records.py)."""
+    return mean([s[key] for s in steps if key in s][-LAST:])
 
 
 def interval(resample, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -305,7 +307,7 @@ def paired_reward(arm_runs: dict[int, list[dict]], grpo_runs: dict[int, list[dic
     The interval over seeds resamples seeds, then steps within each (a two-level bootstrap)."""
     diffs = {}
     for seed in sorted(set(arm_runs) & set(grpo_runs)):
-        a, g = {s["step"]: s["reward"] for s in arm_runs[seed]}, {s["step"]: s["reward"] for s in grpo_runs[seed]}
+        a, g = ({s["step"]: s["reward"] for s in runs[seed] if "reward" in s} for runs in (arm_runs, grpo_runs))
         common = sorted(set(a) & set(g))[-LAST:]
         if common:
             diffs[seed] = [a[t] - g[t] for t in common]

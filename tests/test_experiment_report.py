@@ -101,3 +101,29 @@ def test_report_pairs_each_arm_with_grpo_on_the_same_steps(runner, tmp_path):
     assert "-0.050, +0.150" in row.split(" | ")[3]  # per seed
     assert [line for line in text.splitlines() if line.startswith("| ReLaX-target | 1,2 | 9 |")]  # probe table
     assert (tmp_path / "relax_vs_grpo.png").stat().st_size > 0
+
+
+def test_records_written_before_the_fix_are_realigned_once(tmp_path):
+    """What the old StepLog wrote for steps 0-5 with a resume at step 3: each process's first record right, later ones
+    one step late, and ``grad_share`` first logged on step 1 (so the second record's is step 1's own)."""
+    spec = importlib.util.spec_from_file_location("realign", BENCHMARK.parent / "realign_lagged_records.py")
+    realign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(realign)
+
+    def true(t):
+        return {"reward": t / 10, "step_s": 100.0 + t, **({"grad_share": t / 100} if t else {})}
+
+    def written(t, first):
+        return {"step": t, **(true(t) if first else {**true(t), **true(t - 1)}), "probe_erank": 10.0 + t}
+
+    old = [written(0, True), written(1, False), written(2, False), written(3, True), written(4, False),
+           written(5, False)]
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*old[:3], {"validation_step": 2}, *old[3:]]))
+    assert realign.realign_file(path)
+    fixed = [json.loads(line) for line in path.read_text().splitlines()]
+    assert fixed[3] == {"validation_step": 2}
+    steps = [r for r in fixed if "step" in r]
+    lost = {2, 5}  # the last step of each process: its trainer metrics were never written
+    assert steps == [{"step": t, **({} if t in lost else true(t)), "probe_erank": 10.0 + t} for t in range(6)]
+    assert not realign.realign_file(path)  # nothing left to realign
