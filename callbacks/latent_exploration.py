@@ -14,7 +14,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from relax_pl.callbacks.koopman_fit import KoopmanFit, find_koopman_fit
-from relax_pl.extension import LossTerms, MiniBatch, PolicyForward, RLVRCallback
+from relax_pl.extension import (
+    DetachedForward, LossTerms, MiniBatch, PolicyForward, RLVRCallback, whole_group_micro_size,
+)
 from relax_pl.koopman import dsd, has_dsd, resolve_n_min
 from relax_pl.rollout import RolloutBatch
 
@@ -173,6 +175,12 @@ class LatentExploration(RLVRCallback):
     * ``quantile``: the ``xi_quantile`` quantile of the mini-batch's valid DSDs (measured ahead when the
       mini-batch takes several micro-batches), so about ``1 - xi_quantile`` of them is over the bound.
 
+    Measuring ahead (a quantile bound, or groups split over micro-batches) takes a no-grad forward of the rows. When
+    the step's first mini-batch is the whole rollout (one mini-batch per epoch), it is read from the step's shared
+    hidden-state forward instead (extension.py, "the shared capture": the same weights), which the other latent
+    callbacks read too and which also gives the old policy's log-probs; later mini-batches, after an optimiser step,
+    run their own.
+
     Defaults are the paper's (Table 3) in the authors' units: ``spectrum="sv_compat"``, ``alpha=0.1``,
     ``xi=25`` absolute, ``kl_coef=0.01``. With ``spectrum="eig"`` the same push takes a larger ``alpha``: compare
     ``relax/grad_share`` (docs/method.md, "Strength").
@@ -252,6 +260,7 @@ class LatentExploration(RLVRCallback):
         self.calibrated_median: float | None = None  # xi_mode="relative": median DSD of the fitted-on responses
         self._mini: MiniBatchDispersion | None = None
         self._step = StepRecord()
+        self._captured: Tensor | None = None  # per rollout row: DSD from the shared forward (NaN: none)
 
     @property
     def needs_reference(self) -> bool:
@@ -278,6 +287,35 @@ class LatentExploration(RLVRCallback):
         fit.ensure_fitted(trainer, module, rollout)
         if fit.fitted and self.xi_mode == "relative" and self.calibrated_median is None:
             self.calibrate(trainer, module, rollout, fit)
+
+    def measures_the_rollout_ahead(self, module: L.LightningModule, rollout: RolloutBatch) -> bool:
+        """Whether the step's first mini-batch is the whole rollout and measures its DSDs ahead of the update."""
+        update, rows = module.update, len(rollout)
+        micro = whole_group_micro_size(rollout.group_size, update.micro_batch_size)
+        one_mini_batch = update.mini_batch_size is None or update.mini_batch_size >= rows
+        return one_mini_batch and rows > micro and (self.xi_mode == "quantile" or rollout.group_size > micro)
+
+    @override
+    def rollout_hidden_rows(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> Tensor | None:
+        """Every row (the same count on every rank, as sharded forwards need) when the first mini-batch measures the
+        whole rollout ahead and the dictionary is fitted (the first step's fit comes from this very forward)."""
+        if not find_koopman_fit(trainer, "LatentExploration").fitted or not self.measures_the_rollout_ahead(module, rollout):
+            return None
+        return torch.arange(len(rollout), device=rollout.input_ids.device)
+
+    @override
+    def on_rollout_hidden_states(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, part: DetachedForward
+    ) -> None:
+        if not self.measures_the_rollout_ahead(module, rollout) or not find_koopman_fit(trainer, "LatentExploration").fitted:
+            return  # another callback's read
+        start = time.perf_counter()
+        if self._captured is None:
+            self._captured = torch.full((len(rollout),), math.nan, dtype=torch.float64, device=part.rows.device)
+        fit = find_koopman_fit(trainer, "LatentExploration")
+        values, valid = self.dispersion(fit, part.hidden, part.response_mask, module.sampling.max_new_tokens)
+        self._captured[part.rows[valid]] = values.detach()[valid].double()
+        self._step.seconds += time.perf_counter() - start
 
     def calibrate(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, fit: KoopmanFit) -> None:
         """Keep the median DSD of the valid responses of the fit (or, after a resume, of ``rollout``)."""
@@ -317,9 +355,13 @@ class LatentExploration(RLVRCallback):
             known=torch.full((len(rollout),), math.nan, dtype=torch.float64, device=rows.device),
             group_weight=self.failure_shares(rollout.rewards, groups) if self.failure_weighting else None,
         )
+        captured, self._captured = self._captured, None  # the shared forward's weights hold until the first update
         if len(mini_batch.micro_batches) > 1:
             ahead = rows if self.xi_mode == "quantile" else mini_batch.split_rows
             ahead = ahead[valid[ahead]]
+            if captured is not None:
+                stats.known[ahead] = captured[ahead]
+                ahead = ahead[stats.known[ahead].isnan()]
             start = time.perf_counter()
             measured = len(ahead)
             if module.model_setup.lockstep:
@@ -390,6 +432,7 @@ class LatentExploration(RLVRCallback):
     @override
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._step = StepRecord()
+        self._captured = None
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

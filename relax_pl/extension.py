@@ -12,7 +12,8 @@ RLVRModule imports no callback. A callback that wants to take part in the update
   the rows that every callback's ``rollout_hidden_rows`` asks for, and hands each chunk of it (a
   :class:`DetachedForward` with hidden states) to each of those callbacks; when the update needs the old policy's
   log-probs and the union is the whole rollout, the same forward gives them. However many latent callbacks run
-  (KoopmanFit's fit, RepExp, EffectiveRankShaping, SpectrumMonitor), the rollout is read once per step.
+  (KoopmanFit's fit, RepExp, EffectiveRankShaping, SpectrumMonitor, LatentExploration's DSDs measured ahead of
+  a first mini-batch that is the whole rollout), the rollout is read once per step.
 * ``on_mini_batch_start(trainer, module, mini_batch)``: called before the first micro-batch of every
   optimiser step with a :class:`MiniBatch`: its rows, how they are cut into micro-batches and a no-grad
   forward over any of its rows. A term that couples responses (a log-mean-exp over a prompt's group, a
@@ -124,9 +125,7 @@ class MiniBatch:
     ) -> MiniBatch:
         """``rows`` cut into micro-batches of at most ``micro_batch_size`` responses, each holding whole groups
         whenever ``micro_batch_size`` holds one (so group-level terms need no extra forward)."""
-        size = micro_batch_size
-        if rollout.group_size <= size:
-            size -= size % rollout.group_size
+        size = whole_group_micro_size(rollout.group_size, micro_batch_size)
         mask = rollout.response_mask[rows]
         normaliser = float(mask.sum()) if loss_agg_mode == "token-mean" else float(len(rows))
         return cls(rollout, rows, list(rows.split(size)), normaliser, loss_agg_mode, forward)
@@ -140,6 +139,11 @@ class MiniBatch:
         first = torch.full_like(groups, -1).scatter_reduce(0, groups[rows], micro_of, "amin", include_self=False)
         last = torch.full_like(groups, -1).scatter_reduce(0, groups[rows], micro_of, "amax", include_self=False)
         return rows[first[groups[rows]] != last[groups[rows]]]
+
+
+def whole_group_micro_size(group_size: int, micro_batch_size: int) -> int:
+    """The rows of a micro-batch: ``micro_batch_size`` rounded down to whole groups when it holds one."""
+    return micro_batch_size - micro_batch_size % group_size if group_size <= micro_batch_size else micro_batch_size
 
 
 @dataclass

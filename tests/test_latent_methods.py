@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from relax_pl.callbacks.repexp import (
     PromptCovariance, RepExp, accumulated_leverage, bonus_shaped_advantages, group_leverage, mean_pooled,
     sparse_random_projection,
 )
+from relax_pl.callbacks.spectrum import update_reads_sampling_states
 from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.cli import main
 from relax_pl.extension import RLVRCallback
@@ -331,6 +333,28 @@ def test_one_hidden_state_forward_however_many_latent_callbacks(tmp_path, tiny_m
     assert "timing_s/old" not in scalars and "timing_s/old" in tensorboard_logs(tmp_path / "grpo_epochs")[0]
 
 
+def test_relax_measuring_ahead_reads_the_shared_forward(tmp_path, tiny_model, monkeypatch):
+    """A quantile bound over micro-batches of 4 measures all 8 rows ahead of the update: from the second step (the
+    first fits the dictionary on that very forward) the shared read gives those DSDs, so ReLaX + RepExp + ER + the
+    probes again run the forwards of the most demanding alone, and the update's DSDs agree with the shared read's."""
+    original = relax_pl.forward.ResponseForward.__call__
+
+    def counted(self, *args, **kwargs):
+        ForwardCounter.counts[-1] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(relax_pl.forward.ResponseForward, "__call__", counted)
+    quantile = [RELAX[0], {**RELAX[1], "init_args": {**RELAX[1]["init_args"], "xi_mode": "quantile",
+                                                     "xi_quantile": 0.5}}]
+    alone = count_forwards(tmp_path / "relax", tiny_model, quantile)
+    assert alone == [6, 4]  # 2 shared (the fit) + 2 ahead + 2 update; then 2 shared (ahead) + 2 update
+    together = count_forwards(tmp_path / "all", tiny_model, quantile + REPEXP + ER + MONITOR[1:])
+    assert together == [6, 4]  # not 6, 6: one shared read serves every callback
+    scalars, _ = tensorboard_logs(tmp_path / "all")
+    assert len(scalars["relax/lookahead_dsd_gap"]) == 2 and max(scalars["relax/lookahead_dsd_gap"]) < 1e-4
+    assert max(scalars["relax/gated_frac"]) > 0  # the bound from the shared read gates
+
+
 def test_latent_probes_in_a_grpo_run(tmp_path, tiny_model):
     """SpectrumMonitor in a run without a loss term: per-step DSD in both spectra, effective rank and RepExp
     novelty, over all, correct and incorrect responses, and the spectrum image on its steps only."""
@@ -358,8 +382,10 @@ def test_latent_probes_read_from_the_update_cost_no_forward_and_agree(tmp_path, 
 
     monkeypatch.setattr(relax_pl.forward.ResponseForward, "__call__", counted)
     from_update = [MONITOR[0], {**MONITOR[1], "init_args": {**MONITOR[1]["init_args"], "read_from": "update"}}]
-    assert count_forwards(tmp_path / "rollout", tiny_model, MONITOR) == [4, 4]
+    from_rollout = [MONITOR[0], {**MONITOR[1], "init_args": {**MONITOR[1]["init_args"], "read_from": "rollout"}}]
+    assert count_forwards(tmp_path / "rollout", tiny_model, from_rollout) == [4, 4]
     assert count_forwards(tmp_path / "update", tiny_model, from_update) == [4, 2]  # GRPO alone: [2, 2]
+    assert count_forwards(tmp_path / "auto", tiny_model, MONITOR) == [4, 2]  # the default reads the update here
     _, expected = tensorboard_run(tmp_path / "rollout")
     _, read = tensorboard_run(tmp_path / "update")
     assert tensorboard_logs(tmp_path / "update")[1] == tensorboard_logs(tmp_path / "rollout")[1]  # the images
@@ -369,6 +395,22 @@ def test_latent_probes_read_from_the_update_cost_no_forward_and_agree(tmp_path, 
         assert [step for step, _ in read[name]] == [step for step, _ in expected[name]] == [0, 1], name
         assert [v for _, v in read[name]] == pytest.approx([v for _, v in expected[name]], rel=1e-4), name
     assert weight_change(final_weights(tmp_path / "update"), final_weights(tmp_path / "rollout")) == 0.0
+
+
+def test_the_probes_read_the_update_only_where_it_sees_the_sampling_policys_states():
+    policy = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    module = SimpleNamespace(update=SimpleNamespace(mini_batch_size=None), policy=policy)
+    assert update_reads_sampling_states(module, rows=8)
+    module.update.mini_batch_size = 8
+    assert update_reads_sampling_states(module, rows=8)
+    module.update.mini_batch_size = 4  # the second mini-batch's rows pass after an optimiser step
+    assert not update_reads_sampling_states(module, rows=8)
+    module.update.mini_batch_size = None
+    module.policy = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.05))  # a LoRA adapter's, say
+    assert not update_reads_sampling_states(module, rows=8)
+    module.policy = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    module.policy.config = SimpleNamespace(attention_dropout=0.1)
+    assert not update_reads_sampling_states(module, rows=8)
 
 
 def test_repexp_persistent_covariance_is_kept_and_resumed(tmp_path, tiny_model):
