@@ -8,8 +8,10 @@ Runs ``recipes/relax_small.yaml`` (``--recipe``) as plain GRPO with its latent c
 from the same seed with that arm's callbacks added back:
 
 * ``probes``: KoopmanFit (no loss term) and SpectrumMonitor computing its probes every step on ``--max-responses``
-  responses, images every ``--image-every`` steps, read in a no-grad forward before the update;
-* ``probes_update``: the same probes read from the update's own forward (``read_from: update``);
+  responses, images every ``--image-every`` steps, read in a no-grad forward before the update (``read_from:
+  rollout``);
+* ``probes_update``: the same probes read from the update's own forward (``read_from: update``, which the default
+  ``auto`` picks in relax_small);
 * ``relax``: KoopmanFit and LatentExploration as recipes/relax_small.yaml sets them;
 * ``repexp``: RepExp as recipes/repexp_small.yaml sets it;
 * ``er``: EffectiveRankShaping as recipes/effective_rank_small.yaml sets it.
@@ -125,7 +127,7 @@ def main() -> None:
         {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": args.m}},
         {"class_path": "relax_pl.callbacks.SpectrumMonitor",
          "init_args": {"every_n_steps": args.image_every, "max_responses": args.max_responses,
-                       "n_min": args.m + 1, "metrics_every_n_steps": 1}},
+                       "n_min": args.m + 1, "metrics_every_n_steps": 1, "read_from": "rollout"}},
     ]
     probes_from_update = [probes[0], {**probes[1], "init_args": {**probes[1]["init_args"], "read_from": "update"}}]
     callbacks_of_arm = {"grpo": [], "probes": probes, "probes_update": probes_from_update}

@@ -24,6 +24,15 @@ from relax_pl.metrics import correctness_or_overall
 from relax_pl.rollout import RolloutBatch
 
 
+def update_reads_sampling_states(module: L.LightningModule, rows: int) -> bool:
+    """Whether the update's first pass over each row sees the hidden states of the policy that sampled it: each
+    epoch is one mini-batch (no optimiser step before a row's first pass) and nothing in the policy drops out."""
+    mini_batch_size = module.update.mini_batch_size
+    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.policy.modules())
+    attention_dropout = getattr(getattr(module.policy, "config", None), "attention_dropout", 0.0) or 0.0
+    return (mini_batch_size is None or mini_batch_size >= rows) and not dropout and not attention_dropout > 0
+
+
 class SpectrumMonitor(RLVRCallback):
     """Latent probes of the rollout before the update, in any run (GRPO included: it adds no loss term; it needs a
     KoopmanFit for the dictionary DSD is measured under).
@@ -54,12 +63,13 @@ class SpectrumMonitor(RLVRCallback):
         spectrum: the spectrum of ``koopman/dsd_*`` and the histogram, "eig" or "sv_compat" (match
             LatentExploration's).
         metrics_every_n_steps: probes on RL steps divisible by this.
-        read_from: ``"rollout"`` (default) reads the responses in the step's shared no-grad forward, before the
-            update: the policy that sampled them, at the cost of that forward where no other callback asks for
-            it (15% of a relax_small GRPO step, benchmarks/latent_overhead.py). ``"update"`` reads the
-            update's own forward, detached, the first time each row passes: no extra forward. The same states in a
-            run of one optimiser step per rollout without dropout (relax_small); with several, the rows of a later
-            mini-batch are read after that rollout's earlier optimiser steps.
+        read_from: ``"rollout"`` reads the responses in the step's shared no-grad forward, before the update: the
+            policy that sampled them, at the cost of that forward where no other callback asks for it (15% of a
+            relax_small GRPO step, benchmarks/latent_overhead.py). ``"update"`` reads the update's own forward,
+            detached, the first time each row passes: no extra forward (0.2%). The same states when each epoch is
+            one mini-batch and the policy has no dropout (relax_small); otherwise the rows of a later mini-batch
+            are read after that rollout's earlier optimiser steps. ``"auto"`` (default) reads the update's forward
+            where it gives the same states, the shared forward elsewhere.
     """
 
     def __init__(
@@ -69,7 +79,7 @@ class SpectrumMonitor(RLVRCallback):
         n_min: Optional[int] = None,
         spectrum: Literal["eig", "sv_compat"] = "sv_compat",
         metrics_every_n_steps: int = 1,
-        read_from: Literal["rollout", "update"] = "rollout",
+        read_from: Literal["auto", "rollout", "update"] = "auto",
     ) -> None:
         if every_n_steps < 1 or max_responses < 1 or metrics_every_n_steps < 1:
             raise ValueError(
@@ -78,10 +88,11 @@ class SpectrumMonitor(RLVRCallback):
             )
         if spectrum not in ("eig", "sv_compat"):
             raise ValueError(f"SpectrumMonitor: spectrum must be 'eig' or 'sv_compat', got {spectrum!r}")
-        if read_from not in ("rollout", "update"):
-            raise ValueError(f"SpectrumMonitor: read_from must be 'rollout' or 'update', got {read_from!r}")
+        if read_from not in ("auto", "rollout", "update"):
+            raise ValueError(f"SpectrumMonitor: read_from must be 'auto', 'rollout' or 'update', got {read_from!r}")
         self.read_from = read_from
         self.needs_hidden_states = read_from == "update"  # the update's forward then keeps its final states
+        self._from_update = read_from == "update"  # this step's choice (``auto`` decides per step)
         self.every_n_steps, self.metrics_every_n_steps = every_n_steps, metrics_every_n_steps
         self.max_responses, self.n_min, self.spectrum = max_responses, n_min, spectrum
         self.last_metrics: dict[str, float] = {}  # the latest measurement, for scripts without a logger
@@ -103,6 +114,7 @@ class SpectrumMonitor(RLVRCallback):
         self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch
     ) -> Tensor | None:
         self._rows, self._trajectories, self._read, self._rollout = None, [], {}, None
+        self.needs_hidden_states = self.read_from == "update"
         if not len(rollout) or not (
             self.logs_now(trainer, self.metrics_every_n_steps) or self.logs_now(trainer, self.every_n_steps)
         ):
@@ -111,7 +123,11 @@ class SpectrumMonitor(RLVRCallback):
         if count >= rollout.group_size:  # whole groups: the novelty is measured against a response's group
             count -= count % rollout.group_size
         self._rows = torch.arange(count, device=rollout.input_ids.device)
-        return self._rows if self.read_from == "rollout" else None
+        self._from_update = self.read_from == "update" or (
+            self.read_from == "auto" and update_reads_sampling_states(module, len(rollout))
+        )
+        self.needs_hidden_states = self._from_update
+        return None if self._from_update else self._rows
 
     @override
     def on_rollout_hidden_states(
@@ -128,7 +144,7 @@ class SpectrumMonitor(RLVRCallback):
         if self._rows is None:
             return
         find_koopman_fit(trainer, "SpectrumMonitor").ensure_fitted(trainer, module, rollout)
-        if self.read_from == "rollout":
+        if not self._from_update:
             self.measure(trainer, module, rollout, self._trajectories)
         else:
             self._rollout = rollout  # measured after the update, on the rows its forward passed
