@@ -144,7 +144,10 @@ class EffectiveRankShaping(RLVRCallback):
             return
         if self._values is None:
             raise RuntimeError("EffectiveRankShaping got no hidden states from the shared forward")
-        values, means = self._values, self._values.mean(0)
+        # the batch's means over every rank (the authors' driver sees the whole batch): the moving averages are then
+        # the same on every rank, and rank 0's checkpoint resumes them all
+        values = self._values
+        means = trainer.strategy.reduce(values.mean(0).to(module.device), reduce_op="mean").cpu()
         metrics = {"er/effective_rank": float(means[0]), "er/erv": float(means[1]), "er/era": float(means[2])}
         if self.reference is not None:
             bonus = rank_bonus(values, self.reference, self.gain, self.weight)

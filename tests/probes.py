@@ -89,6 +89,27 @@ class ShardProbe(RLVRCallback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
 
 
+class LatentStateProbe(RLVRCallback):
+    """Per rank and step: EffectiveRankShaping's moving averages and what LatentExploration measured (valid rows,
+    the largest gap between a DSD measured ahead and in the update), written at the end of the fit."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        from relax_pl.callbacks import EffectiveRankShaping, LatentExploration
+
+        [shaping] = [cb for cb in trainer.callbacks if isinstance(cb, EffectiveRankShaping)]
+        [explore] = [cb for cb in trainer.callbacks if isinstance(cb, LatentExploration)]
+        self.steps.append({"er_reference": shaping.reference.tolist(), "valid": explore._step.valid,
+                           "lookahead_gap": explore._step.lookahead_gap})
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"latent{trainer.global_rank}.json").write_text(json.dumps(self.steps))
+
+
 # ------------------------------------------------------------------------------------------------ faults
 class KillAt(RLVRCallback):
     """SIGKILLs its own process in the middle of one phase of training batch ``step`` (0-based) and writes

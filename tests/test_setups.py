@@ -305,14 +305,17 @@ def test_impossible_combinations_fail_early(tmp_path, tiny_model, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ FSDP
-def fsdp_fit(folder: Path, model: Path, max_steps: int, ckpt_path: str | None = None) -> Path:
+def fsdp_fit(
+    folder: Path, model: Path, max_steps: int, ckpt_path: str | None = None, callbacks: list[dict] = (), **model_keys
+) -> Path:
     recipe = write_recipe(
         folder,
         model,
         {"class_path": "relax_pl.setups.FSDP", "init_args": {"gradient_checkpointing": True}},
         max_steps=max_steps,
-        callbacks=[{"class_path": "probes.ShardProbe", "init_args": {"out": str(folder / "probe")}}],
+        callbacks=[{"class_path": "probes.ShardProbe", "init_args": {"out": str(folder / "probe")}}, *callbacks],
         sampling={"num_responses": 4, "max_new_tokens": 16, "temperature": 1.0},
+        **model_keys,
     )
     command = [sys.executable, "-m", "relax_pl", "fit", "--config", str(recipe),
                "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
@@ -366,6 +369,30 @@ def test_fsdp_ranks_generate_whole_groups_of_different_lengths(fsdp_run):
     # generation stayed in lockstep although the ranks finished at different steps
     assert any(a["width"] != b["width"] for a, b in zip(*steps)), [(a["width"], b["width"]) for a, b in zip(*steps)]
     assert any(len(set(s["lengths"])) > 1 for s in steps[0])
+
+
+@pytest.mark.slow
+def test_fsdp_latent_callbacks_with_split_groups_and_ranks_of_different_short_responses(tmp_path, early_stopping_model):
+    """ReLaX with groups of 4 split into micro-batches of 2, beside effective-rank shaping, on two FSDP ranks whose
+    responses are too short for a DSD in different numbers: every sharded forward pairs up across the ranks (the run
+    ends instead of hanging), the DSDs measured ahead (step 1: a look-ahead forward, padded to the other rank's
+    count; step 2: the shared read) equal the update's, and both ranks keep the same effective-rank averages."""
+    latent = [
+        {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": 2, "steps": 5, "lr": 1e-3}},
+        {"class_path": "relax_pl.callbacks.LatentExploration", "init_args": {"alpha": 1.0, "n_min": 3, "kl_coef": 0.01}},
+        {"class_path": "relax_pl.callbacks.EffectiveRankShaping", "init_args": {"stride": 2, "max_tokens": 16}},
+        {"class_path": "probes.LatentStateProbe", "init_args": {"out": str(tmp_path / "probe")}},
+    ]
+    fsdp_fit(tmp_path, early_stopping_model, max_steps=2, callbacks=latent, update={"micro_batch_size": 2})
+    shards = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text())["steps"] for r in range(2)]
+    latent_steps = [json.loads((tmp_path / "probe" / f"latent{r}.json").read_text()) for r in range(2)]
+    short = [[sum(length < 4 for length in step["lengths"]) for step in steps] for steps in shards]  # < n_min + 1
+    assert short[0] != short[1], short  # the case under test: the ranks have different numbers without a DSD
+    valid = [[step["valid"] for step in steps] for steps in latent_steps]
+    assert all(v > 0 for rank in valid for v in rank) and valid[0] != valid[1], valid
+    for rank in latent_steps:
+        assert all(step["lookahead_gap"] is not None and step["lookahead_gap"] < 1e-5 for step in rank), rank
+    assert [s["er_reference"] for s in latent_steps[0]] == [s["er_reference"] for s in latent_steps[1]]
 
 
 def test_fsdp_resume_from_sharded_checkpoint_is_exact(fsdp_run, tmp_path, early_stopping_model):
