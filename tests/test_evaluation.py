@@ -121,6 +121,20 @@ def test_evaluate_compares_a_checkpoint_with_the_base_model(tmp_path, trained):
     assert reversed_order["checkpoints"][0]["per_prompt"] == after["per_prompt"]
 
 
+def test_evaluate_reads_a_jsonl_source_as_training_does(tmp_path, trained):
+    """A user's own held-out file (MATH-500 exported to JSONL, say) in place of the recipe's validation source."""
+    recipe, checkpoint = trained
+    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 1)]]
+    source = tmp_path / "heldout.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = main(["--config", str(recipe), "--ckpt_path", str(checkpoint), "--num_samples", "2",
+                   "--data.val_source", str(source), "--out", str(tmp_path / "out")])
+    assert report["settings"]["val_source"] == str(source) and report["settings"]["prompts"] == 3
+    [entry] = report["checkpoints"]
+    assert entry["rows"] == [0, 1, 2] and all(len(v) == 3 for v in entry["per_prompt"].values())
+    assert (tmp_path / "out" / "evaluation.json").exists()
+
+
 def test_evaluate_names_what_is_wrong(tmp_path, trained, capsys):
     recipe, _ = trained
     with pytest.raises(SystemExit) as exit_:
