@@ -13,6 +13,8 @@ from the same seed with that arm's callbacks added back:
 * ``probes_update``: the same probes read from the update's own forward (``read_from: update``, which the default
   ``auto`` picks in relax_small);
 * ``relax``: KoopmanFit and LatentExploration as recipes/relax_small.yaml sets them;
+* ``relax_target``: the same with the paired experiment's ReLaX-target settings (``grad_share_target`` 0.1, a
+  quantile bound), whose DSDs measured ahead of the update come from the shared no-grad forward;
 * ``repexp``: RepExp as recipes/repexp_small.yaml sets it;
 * ``er``: EffectiveRankShaping as recipes/effective_rank_small.yaml sets it.
 
@@ -47,6 +49,10 @@ ARMS = {
     "repexp": ("recipes/repexp_small.yaml", {"RepExp"}),
     "er": ("recipes/effective_rank_small.yaml", {"EffectiveRankShaping"}),
 }
+
+
+# the paired experiment's ReLaX-target arm (benchmarks/relax_vs_grpo.py): its quantile bound measures DSDs ahead
+RELAX_TARGET = {"grad_share_target": 0.1, "xi_mode": "quantile", "xi_quantile": 0.8}
 
 
 def scalars(folder: Path) -> dict[str, list[float]]:
@@ -103,7 +109,7 @@ def write_run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/relax_small.yaml", help="the task, model and update of every arm")
-    parser.add_argument("--arms", default="grpo,probes,probes_update,relax,repexp,er")
+    parser.add_argument("--arms", default="grpo,probes,probes_update,relax,relax_target,repexp,er")
     parser.add_argument("--steps", type=int, default=8, help="RL steps per run (the first is not counted)")
     parser.add_argument("--max-responses", type=int, default=24, help="responses the probes read each step")
     parser.add_argument("--image-every", type=int, default=4, help="spectrum images every this many steps")
@@ -115,9 +121,9 @@ def main() -> None:
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step is not counted")
     arms = args.arms.split(",")
-    unknown = set(arms) - {"grpo", "probes", "probes_update", *ARMS}
-    if unknown:
-        parser.error(f"unknown arms {sorted(unknown)}; choose from grpo, probes, probes_update, {', '.join(ARMS)}")
+    known = ["grpo", "probes", "probes_update", "relax_target", *ARMS]
+    if set(arms) - set(known):
+        parser.error(f"unknown arms {sorted(set(arms) - set(known))}; choose from {', '.join(known)}")
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     for item in args.set:
@@ -130,7 +136,9 @@ def main() -> None:
                        "n_min": args.m + 1, "metrics_every_n_steps": 1, "read_from": "rollout"}},
     ]
     probes_from_update = [probes[0], {**probes[1], "init_args": {**probes[1]["init_args"], "read_from": "update"}}]
-    callbacks_of_arm = {"grpo": [], "probes": probes, "probes_update": probes_from_update}
+    fit, explore = callbacks_of(*ARMS["relax"])
+    relax_target = [fit, {**explore, "init_args": {**explore["init_args"], **RELAX_TARGET}}]
+    callbacks_of_arm = {"grpo": [], "probes": probes, "probes_update": probes_from_update, "relax_target": relax_target}
     print(f"recipe {args.recipe}, {args.steps} steps (step 1 not counted)")
     print(f"{'arm':<14}{'step s':>9}" + "".join(f"{p + ' s':>10}" for p in OWN_PHASES) + f"{'own share':>11}"
           + f"{'update@1 s':>12}{'len@1':>8}")
