@@ -5,11 +5,12 @@ the module and callbacks log through Lightning) beside step t's own probes, bonu
 straight to the loggers or read from the callback). The lag restarted at every resume: a run's first record after
 starting or resuming is right and the next one repeats its trainer metrics. This script moves each trainer metric
 back to the step it belongs to (a metric its step did not log, such as ``grad_share`` before the first update, may
-take the next step's value; the report's metrics are logged on every step). The last step before each resume (and a finished run's last step) then has no trainer
-metrics: they were never written, and the report leaves those steps out.
+take the next step's value; the report's metrics are logged on every step). The last step before each resume (and a
+finished run's last step) then has no trainer metrics: they were never written, and the report leaves them out.
 
-A file without the repeat (written after the fix, or realigned already) is left as it is, so running it twice is
-harmless::
+It was run once, on files written wholly before the fix (commit 0a4f782). A file without the repeat (written after
+the fix, or realigned already) is left as it is, so running it twice is harmless; a file whose run was resumed under
+the fixed runner before being realigned is not handled (its new records would join the old segment)::
 
     python benchmarks/realign_lagged_records.py docs/relax_vs_grpo/*.jsonl
 """
@@ -37,8 +38,10 @@ def repeats(first: dict, second: dict) -> bool:
 
 def segment_starts(steps: list[dict]) -> list[int]:
     """Indices of the records a process wrote first: the next record repeats its trainer metrics."""
-    return [i for i in range(len(steps) - 1)
-            if steps[i + 1]["step"] == steps[i]["step"] + 1 and repeats(steps[i], steps[i + 1])]
+    return [
+        i for i in range(len(steps) - 1)
+        if steps[i + 1]["step"] == steps[i]["step"] + 1 and repeats(steps[i], steps[i + 1])
+    ]
 
 
 def realign(steps: list[dict]) -> list[dict]:

@@ -179,8 +179,10 @@ class StepLog(L.Callback):
         metrics = {}
         if self.logged is not None:
             # Lightning hands a step's own metrics to the loggers after this hook, so ``latest`` holds the previous
-            # step's under the same keys: the trainer's current values must win
-            metrics, self.logged.latest = self.logged.latest, {}  # nor may a callback that skips a step leave one
+            # step's under the same keys: the trainer's current values must win. Emptied here so that a callback
+            # writing to the loggers only now and then leaves no stale value (``callback_metrics`` keeps a value
+            # logged with ``module.log`` until the key is logged again, as Lightning does)
+            metrics, self.logged.latest = self.logged.latest, {}
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         record = {short: metrics[key] for key, short in STEP_KEYS.items() if key in metrics}
         if self.explore is not None:
@@ -289,10 +291,16 @@ def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def last_steps(steps: list[dict]) -> list[dict]:
+    """The records of a run's last :data:`LAST` step numbers (25-39 of 40), the window of every figure of the report.
+    A step may lack the trainer metrics (records written before the StepLog fix miss the step before each resume:
+    benchmarks/realign_lagged_records.py); a figure takes the steps that have it."""
+    end = max(s["step"] for s in steps)
+    return [s for s in steps if s["step"] > end - LAST]
+
+
 def last_mean(steps: list[dict], key: str) -> float:
-    """The mean of ``key`` over the last :data:`LAST` steps that recorded it (records written before the StepLog fix
-    lack the trainer metrics of the step before each resume: benchmarks/realign_lagged_records.py)."""
-    return mean([s[key] for s in steps if key in s][-LAST:])
+    return mean([s.get(key) for s in last_steps(steps)])
 
 
 def interval(resample, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -307,8 +315,9 @@ def paired_reward(arm_runs: dict[int, list[dict]], grpo_runs: dict[int, list[dic
     The interval over seeds resamples seeds, then steps within each (a two-level bootstrap)."""
     diffs = {}
     for seed in sorted(set(arm_runs) & set(grpo_runs)):
-        a, g = ({s["step"]: s["reward"] for s in runs[seed] if "reward" in s} for runs in (arm_runs, grpo_runs))
-        common = sorted(set(a) & set(g))[-LAST:]
+        a, g = ({s["step"]: s["reward"] for s in last_steps(runs[seed]) if "reward" in s}
+                for runs in (arm_runs, grpo_runs))
+        common = sorted(set(a) & set(g))
         if common:
             diffs[seed] = [a[t] - g[t] for t in common]
     result = {"per_seed": {s: mean(d) for s, d in diffs.items()}}
