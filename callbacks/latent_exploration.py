@@ -75,14 +75,27 @@ def latent_exploration_loss(
     return torch.where(valid, per_row, 0.0).sum() / num_groups
 
 
-def disable_dropout(model: torch.nn.Module) -> list[str]:
-    """Set every dropout probability in ``model`` to 0; returns the probabilities it changed (``"p=0.05 x 14"``)."""
-    changed: dict[float, int] = {}
+def dropout_sites(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, float]]:
+    """Every dropout probability above 0 in ``model``, as ``(module, attribute, probability)``: ``nn.Dropout.p``
+    (a LoRA adapter's, say) and the float ``attention_dropout`` that Hugging Face attention modules apply in training
+    mode."""
+    sites = []
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) and module.p > 0:
-            changed[module.p] = changed.get(module.p, 0) + 1
-            module.p = 0.0
-    return [f"p={p:g} x {count}" for p, count in changed.items()]
+            sites.append((module, "p", module.p))
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            sites.append((module, "attention_dropout", rate))
+    return sites
+
+
+def disable_dropout(model: torch.nn.Module) -> list[str]:
+    """Set every dropout probability in ``model`` to 0; returns the ones it changed (``"p=0.05 x 14"``)."""
+    changed: dict[str, int] = {}
+    for module, attribute, rate in dropout_sites(model):
+        setattr(module, attribute, 0.0)
+        changed[f"{attribute}={rate:g}"] = changed.get(f"{attribute}={rate:g}", 0) + 1
+    return [f"{setting} x {count}" for setting, count in changed.items()]
 
 
 def most_rows_of_any_rank(rows: int, device: torch.device) -> int:
@@ -126,6 +139,7 @@ class StepRecord:
     mini_xp_grad_sq: Tensor | float = 0.0  # the running optimiser step's, for the alpha controller
     mini_rest_grad_sq: Tensor | float = 0.0
     lookahead_gap: float | None = None  # largest |DSD of the update - DSD measured ahead| of a split group's row
+    forward_ahead: int = 0  # rows measured ahead by a forward of this callback's own (not the shared read)
     seconds: float = 0.0
 
 
@@ -178,8 +192,8 @@ class LatentExploration(RLVRCallback):
     Measuring ahead (a quantile bound, or groups split over micro-batches) takes a no-grad forward of the rows. When
     the step's first mini-batch is the whole rollout (one mini-batch per epoch), it is read from the step's shared
     hidden-state forward instead (extension.py, "the shared capture": the same weights), which the other latent
-    callbacks read too and which also gives the old policy's log-probs; later mini-batches, after an optimiser step,
-    run their own.
+    callbacks read too and which also gives the old policy's log-probs. Not on the first step (the dictionary is
+    fitted from that read, after it) nor for later mini-batches (after an optimiser step): those run their own.
 
     Defaults are the paper's (Table 3) in the authors' units: ``spectrum="sv_compat"``, ``alpha=0.1``,
     ``xi=25`` absolute, ``kl_coef=0.01``. With ``spectrum="eig"`` the same push takes a larger ``alpha``: compare
@@ -296,22 +310,25 @@ class LatentExploration(RLVRCallback):
         return one_mini_batch and rows > micro and (self.xi_mode == "quantile" or rollout.group_size > micro)
 
     @override
-    def rollout_hidden_rows(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch) -> Tensor | None:
+    def rollout_hidden_rows(
+        self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch
+    ) -> Tensor | None:
         """Every row (the same count on every rank, as sharded forwards need) when the first mini-batch measures the
         whole rollout ahead and the dictionary is fitted (the first step's fit comes from this very forward)."""
-        if not find_koopman_fit(trainer, "LatentExploration").fitted or not self.measures_the_rollout_ahead(module, rollout):
+        fitted = find_koopman_fit(trainer, "LatentExploration").fitted
+        if not fitted or not self.measures_the_rollout_ahead(module, rollout):
             return None
-        return torch.arange(len(rollout), device=rollout.input_ids.device)
+        device = rollout.input_ids.device
+        self._captured = torch.full((len(rollout),), math.nan, dtype=torch.float64, device=device)
+        return torch.arange(len(rollout), device=device)
 
     @override
     def on_rollout_hidden_states(
         self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, part: DetachedForward
     ) -> None:
-        if not self.measures_the_rollout_ahead(module, rollout) or not find_koopman_fit(trainer, "LatentExploration").fitted:
-            return  # another callback's read
-        start = time.perf_counter()
         if self._captured is None:
-            self._captured = torch.full((len(rollout),), math.nan, dtype=torch.float64, device=part.rows.device)
+            return
+        start = time.perf_counter()
         fit = find_koopman_fit(trainer, "LatentExploration")
         values, valid = self.dispersion(fit, part.hidden, part.response_mask, module.sampling.max_new_tokens)
         self._captured[part.rows[valid]] = values.detach()[valid].double()
@@ -364,6 +381,7 @@ class LatentExploration(RLVRCallback):
                 ahead = ahead[stats.known[ahead].isnan()]
             start = time.perf_counter()
             measured = len(ahead)
+            self._step.forward_ahead += measured
             if module.model_setup.lockstep:
                 # Sharded forwards are collectives: every rank must run as many. A rank with fewer valid rows ahead
                 # (more short responses) pads them with repeats of its first row, whose results are not kept.

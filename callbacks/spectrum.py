@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from relax_pl.callbacks.effective_rank import effective_rank
 from relax_pl.callbacks.koopman_fit import KoopmanFit, find_koopman_fit, log_metrics
+from relax_pl.callbacks.latent_exploration import dropout_sites
 from relax_pl.callbacks.repexp import group_leverage, sparse_random_projection
 from relax_pl.extension import DetachedForward, LossTerms, PolicyForward, RLVRCallback
 from relax_pl.koopman import koopman_eigenvalues
@@ -28,9 +29,7 @@ def update_reads_sampling_states(module: L.LightningModule, rows: int) -> bool:
     """Whether the update's first pass over each row sees the hidden states of the policy that sampled it: each
     epoch is one mini-batch (no optimiser step before a row's first pass) and nothing in the policy drops out."""
     mini_batch_size = module.update.mini_batch_size
-    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.policy.modules())
-    attention_dropout = getattr(getattr(module.policy, "config", None), "attention_dropout", 0.0) or 0.0
-    return (mini_batch_size is None or mini_batch_size >= rows) and not dropout and not attention_dropout > 0
+    return (mini_batch_size is None or mini_batch_size >= rows) and not dropout_sites(module.policy)
 
 
 class SpectrumMonitor(RLVRCallback):

@@ -103,7 +103,7 @@ class LatentStateProbe(RLVRCallback):
         [shaping] = [cb for cb in trainer.callbacks if isinstance(cb, EffectiveRankShaping)]
         [explore] = [cb for cb in trainer.callbacks if isinstance(cb, LatentExploration)]
         self.steps.append({"er_reference": shaping.reference.tolist(), "valid": explore._step.valid,
-                           "lookahead_gap": explore._step.lookahead_gap})
+                           "lookahead_gap": explore._step.lookahead_gap, "forward_ahead": explore._step.forward_ahead})
 
     def on_fit_end(self, trainer, module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from relax_pl.callbacks.repexp import (
     PromptCovariance, RepExp, accumulated_leverage, bonus_shaped_advantages, group_leverage, mean_pooled,
     sparse_random_projection,
 )
+from relax_pl.callbacks.latent_exploration import disable_dropout
 from relax_pl.callbacks.spectrum import update_reads_sampling_states
 from relax_pl.checkpointing import load_checkpoint_file
 from relax_pl.cli import main
@@ -408,9 +409,11 @@ def test_the_probes_read_the_update_only_where_it_sees_the_sampling_policys_stat
     module.update.mini_batch_size = None
     module.policy = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.05))  # a LoRA adapter's, say
     assert not update_reads_sampling_states(module, rows=8)
-    module.policy = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    module.policy.config = SimpleNamespace(attention_dropout=0.1)
+    attention = torch.nn.Linear(2, 2)
+    attention.attention_dropout = 0.1  # as a Hugging Face attention module keeps it
+    module.policy = torch.nn.Sequential(attention)
     assert not update_reads_sampling_states(module, rows=8)
+    assert disable_dropout(module.policy) == ["attention_dropout=0.1 x 1"] and update_reads_sampling_states(module, 8)
 
 
 def test_repexp_persistent_covariance_is_kept_and_resumed(tmp_path, tiny_model):

@@ -372,14 +372,17 @@ def test_fsdp_ranks_generate_whole_groups_of_different_lengths(fsdp_run):
 
 
 @pytest.mark.slow
-def test_fsdp_latent_callbacks_with_split_groups_and_ranks_of_different_short_responses(tmp_path, early_stopping_model):
+def test_fsdp_latent_callbacks_with_split_groups_and_ranks_of_different_short_responses(
+    tmp_path, early_stopping_model
+):
     """ReLaX with groups of 4 split into micro-batches of 2, beside effective-rank shaping, on two FSDP ranks whose
     responses are too short for a DSD in different numbers: every sharded forward pairs up across the ranks (the run
     ends instead of hanging), the DSDs measured ahead (step 1: a look-ahead forward, padded to the other rank's
     count; step 2: the shared read) equal the update's, and both ranks keep the same effective-rank averages."""
     latent = [
         {"class_path": "relax_pl.callbacks.KoopmanFit", "init_args": {"m": 2, "steps": 5, "lr": 1e-3}},
-        {"class_path": "relax_pl.callbacks.LatentExploration", "init_args": {"alpha": 1.0, "n_min": 3, "kl_coef": 0.01}},
+        {"class_path": "relax_pl.callbacks.LatentExploration",
+         "init_args": {"alpha": 1.0, "n_min": 3, "kl_coef": 0.01}},
         {"class_path": "relax_pl.callbacks.EffectiveRankShaping", "init_args": {"stride": 2, "max_tokens": 16}},
         {"class_path": "probes.LatentStateProbe", "init_args": {"out": str(tmp_path / "probe")}},
     ]
@@ -392,6 +395,7 @@ def test_fsdp_latent_callbacks_with_split_groups_and_ranks_of_different_short_re
     assert all(v > 0 for rank in valid for v in rank) and valid[0] != valid[1], valid
     for rank in latent_steps:
         assert all(step["lookahead_gap"] is not None and step["lookahead_gap"] < 1e-5 for step in rank), rank
+        assert rank[0]["forward_ahead"] > 0 and rank[1]["forward_ahead"] == 0  # step 2 read them in the shared forward
     assert [s["er_reference"] for s in latent_steps[0]] == [s["er_reference"] for s in latent_steps[1]]
 
 
