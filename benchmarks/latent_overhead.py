@@ -41,6 +41,8 @@ from pathlib import Path
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from relax_vs_grpo import ARMS as EXPERIMENT_ARMS  # benchmarks/ is on sys.path when this script runs
+
 LATENT = frozenset({"KoopmanFit", "LatentExploration", "RepExp", "EffectiveRankShaping", "SpectrumMonitor"})
 OWN_PHASES = ["hidden", "ref", "dsd", "probes"]
 # arm -> (the recipe its callbacks come from, the callback classes taken from it)
@@ -49,10 +51,6 @@ ARMS = {
     "repexp": ("recipes/repexp_small.yaml", {"RepExp"}),
     "er": ("recipes/effective_rank_small.yaml", {"EffectiveRankShaping"}),
 }
-
-
-# the paired experiment's ReLaX-target arm (benchmarks/relax_vs_grpo.py): its quantile bound measures DSDs ahead
-RELAX_TARGET = {"grad_share_target": 0.1, "xi_mode": "quantile", "xi_quantile": 0.8}
 
 
 def scalars(folder: Path) -> dict[str, list[float]]:
@@ -137,7 +135,7 @@ def main() -> None:
     ]
     probes_from_update = [probes[0], {**probes[1], "init_args": {**probes[1]["init_args"], "read_from": "update"}}]
     fit, explore = callbacks_of(*ARMS["relax"])
-    relax_target = [fit, {**explore, "init_args": {**explore["init_args"], **RELAX_TARGET}}]
+    relax_target = [fit, {**explore, "init_args": {**explore["init_args"], **EXPERIMENT_ARMS["ReLaX-target"].explore}}]
     callbacks_of_arm = {"grpo": [], "probes": probes, "probes_update": probes_from_update, "relax_target": relax_target}
     print(f"recipe {args.recipe}, {args.steps} steps (step 1 not counted)")
     print(f"{'arm':<14}{'step s':>9}" + "".join(f"{p + ' s':>10}" for p in OWN_PHASES) + f"{'own share':>11}"

@@ -204,7 +204,8 @@ class LatentExploration(RLVRCallback):
     ``relax/alpha``, ``relax/lookahead_dsd_gap`` (split groups: the largest difference between a row's DSD measured
     ahead and in the update, 0 up to rounding), ``relax/l_xp`` (mean over mini-batches), ``relax/grad_share``
     (norm of ``alpha * L_xp``'s gradient at the final hidden states over the norm of every other term's gradient
-    there) and ``timing_s/dsd`` (DSD forward time; its backward is in ``timing_s/update``).
+    there) and ``timing_s/dsd`` (the time of its own DSD forwards; their backward is in ``timing_s/update``, the DSDs
+    it reads from the shared forward in ``timing_s/hidden``).
 
     With ``grad_share_target`` set (opt-in, beyond the paper: docs/method.md, "Strength under control"), ``alpha``
     is only the starting value: after every optimiser step :class:`AlphaController` sets the next one so that
@@ -328,11 +329,10 @@ class LatentExploration(RLVRCallback):
     ) -> None:
         if self._captured is None:
             return
-        start = time.perf_counter()
+        # untimed here: the shared read's phase (timing_s/hidden) holds this, and a phase must not count it twice
         fit = find_koopman_fit(trainer, "LatentExploration")
         values, valid = self.dispersion(fit, part.hidden, part.response_mask, module.sampling.max_new_tokens)
         self._captured[part.rows[valid]] = values.detach()[valid].double()
-        self._step.seconds += time.perf_counter() - start
 
     def calibrate(self, trainer: L.Trainer, module: L.LightningModule, rollout: RolloutBatch, fit: KoopmanFit) -> None:
         """Keep the median DSD of the valid responses of the fit (or, after a resume, of ``rollout``)."""
