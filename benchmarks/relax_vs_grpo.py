@@ -3,6 +3,7 @@
     python benchmarks/relax_vs_grpo.py                                  # every arm of ARMS, the seeds of SEEDS
     python benchmarks/relax_vs_grpo.py --runs GRPO:1 ReLaX-target:1     # these runs only, in this order
     python benchmarks/relax_vs_grpo.py --report                         # the table and figure from what exists
+    python benchmarks/relax_vs_grpo.py --report --against Entropy       # every arm paired with Entropy instead
     python benchmarks/relax_vs_grpo.py --runs GRPO:1 ReLaX:1 --steps 2 --eval_prompts 4 --eval_samples 2 \\
         --records /tmp/rvg --checkpoints /tmp/rvg_runs --tiny           # smoke run on a tiny random model
 
@@ -24,7 +25,8 @@ A run is two phases, each its own process:
 Running the same command again finishes what is unfinished and skips the rest, so the experiment can span several
 sittings; commit ``<records>`` as it grows. ``--report`` (also printed at the end) writes
 ``<records>/relax_vs_grpo.png`` and prints per-seed means over the last 15 steps, paired differences against GRPO
-with 95% intervals, and held-out mean@1 / mean@k with paired differences.
+(``--against``: another arm, e.g. a token-level baseline) with 95% intervals, and held-out mean@1 / mean@k with
+paired differences.
 """
 
 from __future__ import annotations
@@ -310,13 +312,13 @@ def interval(resample, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
     return values[int(0.025 * draws)], values[int(0.975 * draws) - 1]
 
 
-def paired_reward(arm_runs: dict[int, list[dict]], grpo_runs: dict[int, list[dict]]) -> dict:
-    """Per seed and over seeds: arm - GRPO training reward, step by step over the last :data:`LAST` steps of both.
-    The interval over seeds resamples seeds, then steps within each (a two-level bootstrap)."""
+def paired_reward(arm_runs: dict[int, list[dict]], reference_runs: dict[int, list[dict]]) -> dict:
+    """Per seed and over seeds: arm - reference training reward, step by step over the last :data:`LAST` steps of
+    both. The interval over seeds resamples seeds, then steps within each (a two-level bootstrap)."""
     diffs = {}
-    for seed in sorted(set(arm_runs) & set(grpo_runs)):
+    for seed in sorted(set(arm_runs) & set(reference_runs)):
         a, g = ({s["step"]: s["reward"] for s in last_steps(runs[seed]) if "reward" in s}
-                for runs in (arm_runs, grpo_runs))
+                for runs in (arm_runs, reference_runs))
         common = sorted(set(a) & set(g))
         if common:
             diffs[seed] = [a[t] - g[t] for t in common]
@@ -333,15 +335,15 @@ def paired_reward(arm_runs: dict[int, list[dict]], grpo_runs: dict[int, list[dic
     return result
 
 
-def paired_heldout(records: Path, arm: str, seeds: list[int], metric: str) -> dict | None:
-    """Held-out ``metric`` (``mean@1``, ``mean@k``), arm - GRPO: per seed, and per prompt averaged over the seeds
+def paired_heldout(records: Path, arm: str, reference: str, seeds: list[int], metric: str) -> dict | None:
+    """Held-out ``metric`` (``mean@1``, ``mean@k``), arm - reference: per seed, and per prompt averaged over the seeds
     both have, with a bootstrap interval over prompts (the evaluation set is the same for every run)."""
     from relax_pl.evaluation import bootstrap_interval
 
     per_prompt = []
     per_seed = {}
     for seed in seeds:
-        a, g = read_evaluation(records, run_name(arm, seed)), read_evaluation(records, run_name("GRPO", seed))
+        a, g = read_evaluation(records, run_name(arm, seed)), read_evaluation(records, run_name(reference, seed))
         if a is None or g is None:
             continue
         da, dg = a["per_prompt"][metric], g["per_prompt"][metric]
@@ -353,7 +355,7 @@ def paired_heldout(records: Path, arm: str, seeds: list[int], metric: str) -> di
     return {"per_seed": per_seed, "mean": statistics.fmean(averaged), "interval": bootstrap_interval(averaged)}
 
 
-def length_adjusted_ratio(method_runs: dict, grpo_runs: dict) -> float:
+def length_adjusted_ratio(method_runs: dict, reference_runs: dict) -> float:
     """exp(b) of the least-squares fit ``log DSD = a + c log length + b [method]`` over every step of both arms.
 
     In the authors' units a response's DSD depends on its length (it is padded to ``max_new_tokens``, and the
@@ -361,7 +363,7 @@ def length_adjusted_ratio(method_runs: dict, grpo_runs: dict) -> float:
     import numpy as np
 
     rows = [(1.0 if runs is method_runs else 0.0, math.log(s["length"]), math.log(s["dsd"]))
-            for runs in (method_runs, grpo_runs) for steps in runs.values() for s in steps
+            for runs in (method_runs, reference_runs) for steps in runs.values() for s in steps
             if s.get("dsd", 0) > 0 and s.get("length", 0) > 0]
     indicator, log_length, log_dsd = (np.array(column) for column in zip(*rows))
     design = np.stack([np.ones_like(log_length), log_length, indicator], axis=1)
@@ -403,7 +405,8 @@ def gate_rates(steps: list[dict]) -> dict[str, tuple[float, float, float]]:
     return rates
 
 
-def report(records: Path) -> str:
+def report(records: Path, reference: str = "GRPO") -> str:
+    """The tables (every arm paired with ``reference`` on the seeds both ran) and the figure."""
     runs: dict[str, dict[int, list[dict]]] = {}
     for path in sorted(records.glob("*-seed*.jsonl")):
         arm, seed = path.stem.rsplit("-seed", 1)
@@ -422,22 +425,22 @@ def report(records: Path) -> str:
                     for k in ("mean@1", "mean@k", "pass@k")] if evaluation else [math.nan] * 3
             lines.append(f"| {arm} | {seed} | {len(steps)} | " + " | ".join(f"{last_mean(steps, k):.3g}" for k in keys)
                          + " | " + " | ".join(f"{v:.3f}" for v in held) + " |")
-    if "GRPO" in runs:
-        lines += ["", f"Paired against GRPO (same seed, same prompts): training reward over the last {LAST} steps, "
-                  "held-out mean@1 and mean@k (per prompt, averaged over seeds); 95% bootstrap intervals", "",
+    if reference in runs:
+        lines += ["", f"Paired against {reference} (same seed, same prompts): training reward over the last {LAST} "
+                  "steps, held-out mean@1 and mean@k (per prompt, averaged over seeds); 95% bootstrap intervals", "",
                   "| arm | seeds | reward diff [95%] | per seed | mean@1 diff [95%] | mean@k diff [95%] | "
-                  "DSD x GRPO (equal length) | entropy x GRPO |", "|---|---|---|---|---|---|---|---|"]
-        for arm in [a for a in order if a != "GRPO"]:
-            paired = paired_reward(runs[arm], runs["GRPO"])
+                  f"DSD x {reference} (equal length) | entropy x {reference} |", "|---|---|---|---|---|---|---|---|"]
+        for arm in [a for a in order if a != reference]:
+            paired = paired_reward(runs[arm], runs[reference])
             if "mean" not in paired:
                 continue
             seeds = sorted(paired["per_seed"])
-            held = [paired_heldout(records, arm, seeds, m) for m in ("mean@1", "mean@k")]
+            held = [paired_heldout(records, arm, reference, seeds, m) for m in ("mean@1", "mean@k")]
             held_text = [f"{h['mean']:+.3f} [{h['interval'][0]:+.3f}, {h['interval'][1]:+.3f}]" if h else "-"
                          for h in held]
             entropy = mean([last_mean(runs[arm][s], "entropy") for s in seeds]) / mean(
-                [last_mean(runs["GRPO"][s], "entropy") for s in seeds])
-            ratio = length_adjusted_ratio({s: runs[arm][s] for s in seeds}, {s: runs["GRPO"][s] for s in seeds})
+                [last_mean(runs[reference][s], "entropy") for s in seeds])
+            ratio = length_adjusted_ratio({s: runs[arm][s] for s in seeds}, {s: runs[reference][s] for s in seeds})
             low, high = paired["interval"]
             lines.append(f"| {arm} | {','.join(map(str, seeds))} | {paired['mean']:+.3f} [{low:+.3f}, {high:+.3f}] | "
                          + ", ".join(f"{d:+.3f}" for d in paired["per_seed"].values())
@@ -538,6 +541,7 @@ if __name__ == "__main__":
     parser.add_argument("--records", default="docs/relax_vs_grpo", help="per-step records, evaluations, figure")
     parser.add_argument("--checkpoints", default="runs/relax_vs_grpo", help="each run's last.ckpt")
     parser.add_argument("--report", action="store_true", help="only the table and figure")
+    parser.add_argument("--against", default="GRPO", choices=list(ARMS), help="the arm every other is paired with")
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny random model (`python -m relax_pl.testing runs/tiny_qwen2`)")
     parser.add_argument("--phase", nargs=3, metavar=("PHASE", "ARM", "SEED"), help=argparse.SUPPRESS)  # a child
@@ -567,4 +571,4 @@ if __name__ == "__main__":
                     print(f"{name}: evaluation failed; run the command again to retry", flush=True)
             else:
                 print(f"{name}: complete, kept", flush=True)
-    print(report(records))
+    print(report(records, args.against))

@@ -103,6 +103,23 @@ def test_report_pairs_each_arm_with_grpo_on_the_same_steps(runner, tmp_path):
     assert (tmp_path / "relax_vs_grpo.png").stat().st_size > 0
 
 
+def test_report_pairs_against_another_arm(runner, tmp_path):
+    rng = random.Random(0)
+    for seed in (1, 2):
+        grpo = [rng.uniform(0.2, 0.6) for _ in range(40)]
+        write_run(tmp_path / f"GRPO-seed{seed}.jsonl", grpo, erank=6.0)
+        write_run(tmp_path / f"Entropy-seed{seed}.jsonl", [r + 0.1 for r in grpo], erank=6.0)
+        write_run(tmp_path / f"ReLaX-target-seed{seed}.jsonl", [r + 0.04 for r in grpo], erank=9.0)
+    (tmp_path / "eval").mkdir()
+    text = runner.report(tmp_path, reference="Entropy")
+    assert "Paired against Entropy" in text and "Paired against GRPO" not in text
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[2] for line in text.splitlines()
+            if line.startswith("| ") and " | 1,2 | " in line and "[" in line}
+    assert rows["ReLaX-target"].startswith("-0.060 [-0.060, -0.060]")
+    assert rows["GRPO"].startswith("-0.100 [-0.100, -0.100]")
+    assert "Entropy" not in rows
+
+
 def test_records_written_before_the_fix_are_realigned_once(tmp_path):
     """What the old StepLog wrote for steps 0-5 with a resume at step 3: each process's first record right, later ones
     one step late, and ``grad_share`` first logged on step 1 (so the second record's is step 1's own)."""
