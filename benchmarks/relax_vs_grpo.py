@@ -25,8 +25,8 @@ A run is two phases, each its own process:
 Running the same command again finishes what is unfinished and skips the rest, so the experiment can span several
 sittings; commit ``<records>`` as it grows. ``--report`` (also printed at the end) writes
 ``<records>/relax_vs_grpo.png`` and prints per-seed means over the last 15 steps, paired differences against GRPO
-(``--against``: another arm, e.g. a token-level baseline) with 95% intervals, and held-out mean@1 / mean@k with
-paired differences.
+(``--against``: another arm, e.g. a token-level baseline) with 95% intervals, and held-out mean@1 / mean@k / pass@k
+with paired differences.
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ def paired_reward(arm_runs: dict[int, list[dict]], reference_runs: dict[int, lis
 
 
 def paired_heldout(records: Path, arm: str, reference: str, seeds: list[int], metric: str) -> dict | None:
-    """Held-out ``metric`` (``mean@1``, ``mean@k``), arm - reference: per seed, and per prompt averaged over the seeds
+    """Held-out ``metric`` (``mean@1``, ``mean@k``, ``pass@k``), arm - reference: per seed, and per prompt averaged over the seeds
     both have, with a bootstrap interval over prompts (the evaluation set is the same for every run)."""
     from relax_pl.evaluation import bootstrap_interval
 
@@ -427,15 +427,16 @@ def report(records: Path, reference: str = "GRPO") -> str:
                          + " | " + " | ".join(f"{v:.3f}" for v in held) + " |")
     if reference in runs:
         lines += ["", f"Paired against {reference} (same seed, same prompts): training reward over the last {LAST} "
-                  "steps, held-out mean@1 and mean@k (per prompt, averaged over seeds); 95% bootstrap intervals", "",
+                  "steps, held-out mean@1, mean@k and pass@k (per prompt, averaged over seeds); 95% bootstrap intervals", "",
                   "| arm | seeds | reward diff [95%] | per seed | mean@1 diff [95%] | mean@k diff [95%] | "
-                  f"DSD x {reference} (equal length) | entropy x {reference} |", "|---|---|---|---|---|---|---|---|"]
+                  f"pass@k diff [95%] | DSD x {reference} (equal length) | entropy x {reference} |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for arm in [a for a in order if a != reference]:
             paired = paired_reward(runs[arm], runs[reference])
             if "mean" not in paired:
                 continue
             seeds = sorted(paired["per_seed"])
-            held = [paired_heldout(records, arm, reference, seeds, m) for m in ("mean@1", "mean@k")]
+            held = [paired_heldout(records, arm, reference, seeds, m) for m in ("mean@1", "mean@k", "pass@k")]
             held_text = [f"{h['mean']:+.3f} [{h['interval'][0]:+.3f}, {h['interval'][1]:+.3f}]" if h else "-"
                          for h in held]
             entropy = mean([last_mean(runs[arm][s], "entropy") for s in seeds]) / mean(
@@ -444,7 +445,7 @@ def report(records: Path, reference: str = "GRPO") -> str:
             low, high = paired["interval"]
             lines.append(f"| {arm} | {','.join(map(str, seeds))} | {paired['mean']:+.3f} [{low:+.3f}, {high:+.3f}] | "
                          + ", ".join(f"{d:+.3f}" for d in paired["per_seed"].values())
-                         + f" | {held_text[0]} | {held_text[1]} | {ratio:.2f}x | {entropy:.2f}x |")
+                         + f" | {' | '.join(held_text)} | {ratio:.2f}x | {entropy:.2f}x |")
     probe_keys = ["probe_erank", "probe_erank_correct", "probe_erank_incorrect", "probe_novelty",
                   "probe_novelty_correct", "probe_novelty_incorrect", "probe_dsd_eig"]
     if any(s.get("probe_erank") is not None for seeds in runs.values() for steps in seeds.values() for s in steps):

@@ -110,12 +110,21 @@ def test_report_pairs_against_another_arm(runner, tmp_path):
         write_run(tmp_path / f"GRPO-seed{seed}.jsonl", grpo, erank=6.0)
         write_run(tmp_path / f"Entropy-seed{seed}.jsonl", [r + 0.1 for r in grpo], erank=6.0)
         write_run(tmp_path / f"ReLaX-target-seed{seed}.jsonl", [r + 0.04 for r in grpo], erank=9.0)
-    (tmp_path / "eval").mkdir()
+        for arm, pass_at_k in (("Entropy", [0.0, 1.0, 0.5, 0.5]), ("ReLaX-target", [1.0, 1.0, 0.5, 0.0])):
+            per_prompt = {"mean@1": [0.5] * 4, "mean@k": [0.25] * 4, "pass@k": pass_at_k}
+            figures = {k: {"value": sum(v) / 4} for k, v in per_prompt.items()}
+            folder = tmp_path / "eval" / f"{arm}-seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "evaluation.json").write_text(json.dumps(
+                {"checkpoints": [{"per_prompt": per_prompt, "figures": figures}]}))
     text = runner.report(tmp_path, reference="Entropy")
     assert "Paired against Entropy" in text and "Paired against GRPO" not in text
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[2] for line in text.splitlines()
             if line.startswith("| ") and " | 1,2 | " in line and "[" in line}
     assert rows["ReLaX-target"].startswith("-0.060 [-0.060, -0.060]")
+    [relax_row] = [line for line in text.splitlines() if line.startswith("| ReLaX-target | 1,2 | -0.060")]
+    mean_at_1, mean_at_k, pass_at_k = relax_row.split(" | ")[4:7]  # held-out, per prompt, against Entropy
+    assert mean_at_1.startswith("+0.000") and mean_at_k.startswith("+0.000") and pass_at_k.startswith("+0.125 [")
     assert rows["GRPO"].startswith("-0.100 [-0.100, -0.100]")
     assert "Entropy" not in rows
 
