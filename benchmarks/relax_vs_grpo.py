@@ -336,8 +336,8 @@ def paired_reward(arm_runs: dict[int, list[dict]], reference_runs: dict[int, lis
 
 
 def paired_heldout(records: Path, arm: str, reference: str, seeds: list[int], metric: str) -> dict | None:
-    """Held-out ``metric`` (``mean@1``, ``mean@k``, ``pass@k``), arm - reference: per seed, and per prompt averaged over the seeds
-    both have, with a bootstrap interval over prompts (the evaluation set is the same for every run)."""
+    """Held-out ``metric`` (``mean@1``, ``mean@k``, ``pass@k``), arm - reference: per seed, and per prompt averaged
+    over the seeds both have, with a bootstrap interval over prompts (the evaluation set is the same for every run)."""
     from relax_pl.evaluation import bootstrap_interval
 
     per_prompt = []
@@ -427,7 +427,8 @@ def report(records: Path, reference: str = "GRPO") -> str:
                          + " | " + " | ".join(f"{v:.3f}" for v in held) + " |")
     if reference in runs:
         lines += ["", f"Paired against {reference} (same seed, same prompts): training reward over the last {LAST} "
-                  "steps, held-out mean@1, mean@k and pass@k (per prompt, averaged over seeds); 95% bootstrap intervals", "",
+                  "steps, held-out mean@1, mean@k and pass@k (per prompt, averaged over seeds); 95% bootstrap "
+                  "intervals", "",
                   "| arm | seeds | reward diff [95%] | per seed | mean@1 diff [95%] | mean@k diff [95%] | "
                   f"pass@k diff [95%] | DSD x {reference} (equal length) | entropy x {reference} |",
                   "|---|---|---|---|---|---|---|---|---|"]
