@@ -520,7 +520,7 @@ def plot(runs: dict[str, dict[int, list[dict]]], records: Path, path: Path) -> N
                 errors.append([[values[-1] - min(per_seed)], [max(per_seed) - values[-1]]])
         for i, (value, error) in enumerate(zip(values, errors)):
             ax.bar(i, value, yerr=error, capsize=4, color=colors.get(names[i].split("\n")[0], "tab:gray"))
-        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_xticks(range(len(names)), names, fontsize=7, rotation=30, ha="right")
         ax.set_title(f"held-out {metric} (mean over seeds, range)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path)
